@@ -1,0 +1,1 @@
+"""Data: formats (schema, readers), sampling (groups, same-dataset batches), templates, collate."""

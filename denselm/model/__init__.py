@@ -1,0 +1,1 @@
+"""Model: pooling (pure functions), the encoder (backbone -> pool -> normalise), LoRA set-up."""

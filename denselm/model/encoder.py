@@ -1,0 +1,522 @@
+"""BiEncoderModel: a decoder LLM as a bi-encoder, with the seed's interface.
+
+    from denselm import BiEncoderModel
+    model = BiEncoderModel(model=hf_model, tokenizer=tok, normalized=True, temperature=0.02)
+    out = model(query=q_inputs, passage=p_inputs, messages=["normal"], teacher_scores=None)
+    out.loss.backward()
+
+backbone -> pool (each row's last real token by default) -> optional L2
+normalisation -> the pure losses of ``denselm.losses``.  Everything beyond the
+seed is a keyword argument whose default reproduces the seed (FlagEmbedding's
+``research/llm_dense_retriever`` BiEncoderModel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed, gradcache, losses
+from ..data.tokenize import special_tokens
+from .pooling import POOLING_METHODS, last_token_indices, pool
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "denselm.json"
+ADDED_EMBEDDINGS_NAME = "added_embeddings.safetensors"
+POSITION_POLICIES = ("end_aligned", "from_zero")
+
+
+@dataclass
+class EncoderOutput:
+    """What ``forward`` returns (the seed's fields)."""
+
+    loss: torch.Tensor | None = None
+    """Training loss (the global-batch value under cross-device negatives); None in eval mode."""
+    scores: torch.Tensor | None = None
+    """Training: (B, N) / temperature ("normal") or (B, G) ("custom"); eval: q @ p.T."""
+    q_reps: torch.Tensor | None = None
+    p_reps: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Loss parts for logging: contrastive, distillation."""
+
+
+class BiEncoderModel(nn.Module):
+    """The seed's BiEncoderModel, made correct for any padding side and world size.
+
+    Args (the seed's): ``model`` a transformers decoder (or a peft model around
+    one), ``tokenizer``, ``normalized`` (seed spelling ``normlized`` accepted),
+    ``negatives_cross_device``, ``temperature``, ``sub_batch_size``.
+
+    Beyond the seed (defaults reproduce it):
+      pooling: "last" | "mean" | "first".
+      teacher_temperature: teacher scores are divided by it before their softmax.
+      distill_weight: weight of the distillation term.
+      distill_loss: "soft_ce" (seed) or "kl".
+      distill_in_custom_mode: the seed ignores teacher scores in custom mode; True uses them.
+      grad_cache: memory-bounded encoding (see ``denselm.gradcache``); chunks of at most
+        ``grad_cache_chunk_size`` rows and ``grad_cache_max_tokens`` padded tokens.
+      position_ids: "end_aligned" gives each row's last real token the position a
+        left-padded batch gives it (the seed's numbers, for either padding side);
+        "from_zero" starts every sequence at 0 (batch-independent; packing uses it).
+      manifest: extra inference settings saved by ``save`` (templates, max lengths...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        normalized: bool | None = None,
+        negatives_cross_device: bool = False,
+        temperature: float = 1.0,
+        sub_batch_size: int = -1,
+        *,
+        normlized: bool | None = None,
+        pooling: str = "last",
+        teacher_temperature: float = 1.0,
+        distill_weight: float = 1.0,
+        distill_loss: str = "soft_ce",
+        distill_in_custom_mode: bool = False,
+        grad_cache: bool = False,
+        grad_cache_chunk_size: int | None = None,
+        grad_cache_max_tokens: int | None = None,
+        position_ids: str = "end_aligned",
+        manifest: dict | None = None,
+    ):
+        super().__init__()
+        if model is None:
+            raise ValueError("BiEncoderModel needs `model` (a transformers decoder or a peft model)")
+        if normalized is not None and normlized is not None and bool(normalized) != bool(normlized):
+            raise ValueError(f"normalized={normalized} and normlized={normlized} disagree; pass one of them")
+        normalized = bool(normalized if normalized is not None else (normlized or False))
+        if pooling not in POOLING_METHODS:
+            raise ValueError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}")
+        if position_ids not in POSITION_POLICIES:
+            raise ValueError(f"position_ids must be one of {POSITION_POLICIES}, got {position_ids!r}")
+        if distill_loss not in ("soft_ce", "kl"):
+            raise ValueError(f"distill_loss must be 'soft_ce' or 'kl', got {distill_loss!r}")
+        if temperature <= 0 or teacher_temperature <= 0:
+            raise ValueError(f"temperature and teacher_temperature must be > 0, got {temperature}, {teacher_temperature}")
+        if negatives_cross_device and not distributed.is_initialized():
+            raise ValueError(
+                "negatives_cross_device=True needs an initialised torch.distributed process group "
+                "(launch with torchrun, or call torch.distributed.init_process_group first)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.normalized = normalized
+        self.negatives_cross_device = negatives_cross_device
+        if not normalized and temperature != 1.0:
+            # The seed silently does this; users rely on it, so keep it but say so.
+            logger.warning(
+                "normalized=False: temperature %s is reset to 1.0 (the seed's behaviour); "
+                "scores are raw inner products", temperature,
+            )
+            temperature = 1.0
+        self.temperature = float(temperature)
+        self.sub_batch_size = int(sub_batch_size)
+        self.pooling = pooling
+        self.teacher_temperature = float(teacher_temperature)
+        self.distill_weight = float(distill_weight)
+        self.distill_loss = distill_loss
+        self.distill_in_custom_mode = distill_in_custom_mode
+        self.grad_cache = grad_cache
+        self.grad_cache_chunk_size = grad_cache_chunk_size
+        self.grad_cache_max_tokens = grad_cache_max_tokens
+        if grad_cache and grad_cache_chunk_size is None and grad_cache_max_tokens is None:
+            self.grad_cache_chunk_size = sub_batch_size if sub_batch_size > 0 else 8
+        self.position_policy = position_ids
+        self.manifest = dict(manifest or {})
+        self._warned_custom_teacher = False
+
+    # The seed's attribute name, kept for code that reads it.
+    @property
+    def normlized(self) -> bool:
+        return self.normalized
+
+    # ------------------------------------------------------------------ encoding
+    def _backbone(self) -> nn.Module:
+        return self.model
+
+    def _encode_padded(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One padded batch through the backbone: (B, T) ids -> (B, D) embeddings (float32 or wider)."""
+        if "attention_mask" not in features or "input_ids" not in features:
+            raise ValueError(
+                f"features need 'input_ids' and 'attention_mask'; got keys {sorted(features)}"
+            )
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids shape {tuple(input_ids.shape)} != attention_mask shape {tuple(attention_mask.shape)}"
+            )
+        position_ids = features.get("position_ids")
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
+        reps = pool(hidden, attention_mask, self.pooling)  # (B, D)
+        reps = reps.to(torch.promote_types(reps.dtype, torch.float32))
+        if self.normalized:
+            reps = F.normalize(reps, dim=-1)
+        return reps.contiguous()
+
+    def _position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions.  Pad positions get 0 (never read: pads are masked as keys)."""
+        mask = attention_mask.to(torch.long)
+        if self.position_policy == "from_zero":
+            return (mask.cumsum(dim=1) - 1).clamp(min=0)
+        T = mask.shape[1]
+        # Left padding: arange(T), exactly the seed's default.  Other rows are shifted so
+        # their last real token sits at T - 1 too: RoPE sees the same absolute positions.
+        shift = (T - 1) - last_token_indices(mask)  # (B,)
+        positions = torch.arange(T, device=mask.device).unsqueeze(0) + shift.unsqueeze(1)
+        return (positions * mask).clamp(min=0)
+
+    def with_positions(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add ``position_ids`` computed on the whole batch, so chunks (trimmed to their own
+        length) keep the positions the unchunked batch would give: chunking never changes numbers."""
+        if "position_ids" in features:
+            return features
+        return {**features, "position_ids": self._position_ids(features["attention_mask"])}
+
+    def encode(self, features: dict | Sequence[dict] | None) -> torch.Tensor | None:
+        """Embeddings (B, D) for a dict of tensors, or a list of dicts (pre-split sub-batches).
+
+        ``sub_batch_size > 0`` encodes in chunks of that many rows and concatenates
+        them (gradients kept, as the seed; use ``grad_cache`` to bound memory).
+        """
+        if features is None:
+            return None
+        if isinstance(features, (list, tuple)):
+            return torch.cat([self.encode(f) for f in features], dim=0)
+        if self.sub_batch_size > 0 and features["input_ids"].shape[0] > self.sub_batch_size:
+            chunks = gradcache.split_features(self.with_positions(features), max_rows=self.sub_batch_size)
+            return torch.cat([self._encode_padded(c) for c in chunks], dim=0)
+        return self._encode_padded(features)
+
+    # ------------------------------------------------------------------- forward
+    def forward(
+        self,
+        query: dict | Sequence[dict] | None = None,
+        passage: dict | Sequence[dict] | None = None,
+        messages: Sequence[str] | None = None,
+        teacher_scores: Sequence[float] | torch.Tensor | None = None,
+        false_negative_mask: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """Training: loss over in-batch (+ cross-device) negatives or own groups, plus distillation.
+
+        Eval (``model.eval()``): scores = q @ p.T, no loss.
+        """
+        mode = self._mode(messages)
+        if not self.training or query is None or passage is None:
+            q_reps, p_reps = self.encode(query), self.encode(passage)
+            scores = losses.similarity(q_reps, p_reps) if q_reps is not None and p_reps is not None else None
+            return EncoderOutput(loss=None, scores=scores, q_reps=q_reps, p_reps=p_reps)
+
+        if self.grad_cache and torch.is_grad_enabled():
+            return self._forward_grad_cache(query, passage, mode, teacher_scores, false_negative_mask)
+        q_reps, p_reps = self.encode(query), self.encode(passage)
+        loss, scores, metrics = self.compute_loss(q_reps, p_reps, mode, teacher_scores, false_negative_mask)
+        return EncoderOutput(loss=loss, scores=scores, q_reps=q_reps, p_reps=p_reps, metrics=metrics)
+
+    @staticmethod
+    def _mode(messages: Sequence[str] | None) -> str:
+        if messages is None:
+            return "normal"
+        if isinstance(messages, str):
+            messages = [messages]
+        if len(messages) == 0:
+            return "normal"
+        kinds = {losses.MODES.get(m) for m in messages}
+        if None in kinds or len(kinds) != 1:
+            raise ValueError(
+                f"messages must be ['normal'], ['custom'] or ['not in-batch'] (one mode per batch); got {list(messages)}"
+            )
+        return kinds.pop()
+
+    def compute_loss(
+        self,
+        q_reps: torch.Tensor,
+        p_reps: torch.Tensor,
+        mode: str = "normal",
+        teacher_scores: Sequence[float] | torch.Tensor | None = None,
+        false_negative_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Loss from embeddings: q (B, D), p (B * G, D) on this process.
+
+        Returns (loss, scores, metrics).  Under cross-device negatives the loss's
+        gradient is this rank's share of the global loss (see distributed.py) and
+        its value is the global loss.
+        """
+        B, P = q_reps.shape[0], p_reps.shape[0]
+        if B == 0 or P % B != 0:
+            raise ValueError(
+                f"passage count must be a positive multiple of query count: got {P} passages for {B} queries"
+            )
+        G = P // B
+        teacher = self._teacher_tensor(teacher_scores, B, G, q_reps.device)
+        if teacher is not None and mode == "custom" and not self.distill_in_custom_mode:
+            if not self._warned_custom_teacher:
+                logger.warning(
+                    "teacher_scores are ignored in 'custom' mode (the seed's behaviour); "
+                    "set distill_in_custom_mode=True to distil there"
+                )
+                self._warned_custom_teacher = True
+            teacher = None
+
+        cross = self.negatives_cross_device and distributed.is_initialized() and distributed.info().world_size > 1
+        metrics: dict[str, float] = {}
+        local = losses.group_scores(q_reps, p_reps, G) / self.temperature  # (B, G)
+        if mode == "normal":
+            if cross:
+                all_p = distributed.all_gather_with_grad(p_reps)  # (W * B * G, D)
+                offset = distributed.info().rank * B
+            else:
+                all_p, offset = p_reps, 0
+            scores = losses.similarity(q_reps, all_p) / self.temperature  # (B, N)
+            if false_negative_mask is not None and false_negative_mask.shape != scores.shape:
+                raise ValueError(
+                    f"false_negative_mask must be (queries, all passages) = {tuple(scores.shape)}, "
+                    f"got {tuple(false_negative_mask.shape)}"
+                )
+            loss = losses.in_batch_contrastive_loss(scores, G, offset, false_negative_mask)
+        else:
+            scores = local
+            fn_local = None
+            if false_negative_mask is not None:
+                if false_negative_mask.shape == (B, G):
+                    fn_local = false_negative_mask
+                else:
+                    raise ValueError(
+                        f"in 'custom' mode false_negative_mask must be (queries, group) = {(B, G)}, "
+                        f"got {tuple(false_negative_mask.shape)}"
+                    )
+            loss = losses.local_contrastive_loss(local, fn_local)
+        metrics["contrastive"] = float(loss.detach())
+        if teacher is not None:
+            kd = losses.distillation_loss(local, teacher, self.teacher_temperature, self.distill_loss)
+            metrics["distillation"] = float(kd.detach())
+            loss = loss + self.distill_weight * kd
+        if distributed.is_initialized() and distributed.info().world_size > 1:
+            # Report the global value; keep this rank's gradient (value shift is detached).
+            global_loss = distributed.all_reduce_mean(loss)
+            loss = loss + (global_loss - loss).detach()
+        return loss, scores, metrics
+
+    @staticmethod
+    def _teacher_tensor(teacher_scores, B: int, G: int, device) -> torch.Tensor | None:
+        if teacher_scores is None:
+            return None
+        t = torch.as_tensor(teacher_scores, dtype=torch.float32, device=device)
+        if t.numel() != B * G:
+            raise ValueError(
+                f"teacher_scores must hold one score per passage ({B} queries x group {G} = {B * G}), got {t.numel()}"
+            )
+        return t.reshape(B, G)
+
+    # --------------------------------------------------------- gradient caching
+    def _forward_grad_cache(self, query, passage, mode, teacher_scores, false_negative_mask) -> EncoderOutput:
+        """Encode without graph, cache d(loss)/d(embeddings), re-encode chunk by chunk in backward."""
+        sides = []
+        for feats in (query, passage):
+            feats_list = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+            chunks = [
+                c
+                for f in feats_list
+                for c in gradcache.split_features(self.with_positions(f), self.grad_cache_chunk_size, self.grad_cache_max_tokens)
+            ]
+            sides.append(gradcache.encode_without_graph(self._encode_padded, chunks))
+        q_side, p_side = sides
+        with torch.enable_grad():
+            loss, scores, metrics = self.compute_loss(q_side.reps, p_side.reps, mode, teacher_scores, false_negative_mask)
+            q_grad, p_grad = torch.autograd.grad(loss, [q_side.reps, p_side.reps], allow_unused=True)
+        grads = [
+            q_grad if q_grad is not None else torch.zeros_like(q_side.reps),
+            p_grad if p_grad is not None else torch.zeros_like(p_side.reps),
+        ]
+        cached_loss = loss.detach().requires_grad_(True)
+        backbone = self._backbone()
+        no_sync = getattr(backbone, "no_sync", None)
+
+        def _replay(grad_output: torch.Tensor):
+            # Runs inside the caller's loss.backward(); grad_output carries any loss scaling
+            # (1 / accumulation steps, AMP scale).
+            gradcache.backward_cached(self._encode_padded, sides, grads, no_sync=no_sync, grad_scale=grad_output)
+            return grad_output
+
+        cached_loss.register_hook(_replay)
+        return EncoderOutput(
+            loss=cached_loss, scores=scores.detach(), q_reps=q_side.reps.detach(), p_reps=p_side.reps.detach(), metrics=metrics
+        )
+
+    # ------------------------------------------------------------ memory knobs
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Non-reentrant checkpointing (works with DDP, gradient caching and frozen inputs)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        inner = self.model.module if hasattr(self.model, "module") else self.model
+        inner.gradient_checkpointing_enable(**kwargs)
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
+
+    # ------------------------------------------------------------ save / load
+    def settings(self) -> dict:
+        """The manifest: everything inference needs to embed text the way training did."""
+        specials = special_tokens(self.tokenizer) if self.tokenizer is not None else None
+        base = _unwrap(self.model)
+        is_peft = hasattr(base, "peft_config")
+        manifest = {
+            "format": "denselm",
+            "version": 1,
+            "pooling": self.pooling,
+            "normalized": self.normalized,
+            "temperature": self.temperature,
+            "position_ids": self.position_policy,
+            "eos_policy": {
+                "append_eos": True,
+                "eos_token_id": specials.eos_id if specials else None,
+                "prefix_token_ids": list(specials.prefix) if specials else [],
+                "pad_token_id": specials.pad_id if specials else None,
+            },
+            "adapter": is_peft,
+            "base_model": _base_model_path(base),
+            "architecture": type(_base_model_of(base)).__name__,
+        }
+        manifest.update(self.manifest)
+        return manifest
+
+    def save(self, output_dir: str | os.PathLike, *, merge_lora: bool = False, state_dict: dict | None = None) -> Path:
+        """Weights (safetensors) + tokenizer + ``denselm.json``, written atomically.
+
+        A LoRA model saves its adapter (and the base model's path in the manifest)
+        unless ``merge_lora``.  ``state_dict``: pre-gathered full weights (FSDP).
+        """
+        output_dir = Path(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        try:
+            base = _unwrap(self.model)
+            manifest = self.settings()
+            if merge_lora and hasattr(base, "merge_and_unload"):
+                import copy
+
+                merged = copy.deepcopy(base).merge_and_unload()
+                merged.save_pretrained(tmp, safe_serialization=True)
+                manifest["adapter"] = False
+            else:
+                base.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            added = self.manifest.get("added_tokens") or []
+            if added and self.tokenizer is not None and manifest["adapter"]:
+                # New token rows (e.g. <instruct>) are trained but live in the frozen base
+                # embedding: store just those rows, as safetensors (never pickled modules).
+                from safetensors.torch import save_file
+
+                ids = self.tokenizer.convert_tokens_to_ids(added)
+                emb = _base_model_of(base).get_input_embeddings().weight
+                save_file({"token_ids": torch.tensor(ids), "embeddings": emb[ids].detach().cpu().contiguous()}, tmp / ADDED_EMBEDDINGS_NAME)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            if output_dir.exists():
+                old = output_dir.with_name(output_dir.name + ".old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(output_dir, old)
+                os.replace(tmp, output_dir)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return output_dir
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        base_model: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **overrides,
+    ) -> "BiEncoderModel":
+        """Load a folder written by ``save`` (adapter or full weights) for encoding."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        manifest_file = path / MANIFEST_NAME
+        if not manifest_file.exists():
+            raise FileNotFoundError(f"{manifest_file} not found: not a denselm model folder")
+        manifest = json.loads(manifest_file.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype_kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        if manifest.get("adapter"):
+            from peft import PeftModel
+
+            base_path = base_model or manifest.get("base_model")
+            if not base_path or not Path(base_path).exists():
+                raise FileNotFoundError(
+                    f"{path} holds a LoRA adapter whose base model {base_path!r} is not on disk; "
+                    "pass base_model=... (or export a merged model)"
+                )
+            backbone = AutoModel.from_pretrained(base_path, **dtype_kw)
+            if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+                backbone.resize_token_embeddings(len(tokenizer))
+            added_file = path / ADDED_EMBEDDINGS_NAME
+            if added_file.exists():
+                from safetensors.torch import load_file
+
+                added = load_file(added_file)
+                with torch.no_grad():
+                    backbone.get_input_embeddings().weight[added["token_ids"]] = added["embeddings"].to(
+                        backbone.get_input_embeddings().weight.dtype
+                    )
+            backbone = PeftModel.from_pretrained(backbone, path)
+        else:
+            backbone = AutoModel.from_pretrained(path, **dtype_kw)
+        if device is not None:
+            backbone = backbone.to(device)
+        known = {"normalized", "temperature", "pooling", "position_ids"}
+        kwargs = {k: manifest[k] for k in known if k in manifest}
+        kwargs.update(overrides)
+        extra = {k: v for k, v in manifest.items() if k not in known}
+        model = cls(model=backbone, tokenizer=tokenizer, manifest=extra, **kwargs)
+        model.eval()
+        return model
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _base_model_of(module: nn.Module) -> nn.Module:
+    if hasattr(module, "get_base_model"):
+        return module.get_base_model()
+    return module
+
+
+def _base_model_path(module: nn.Module) -> str | None:
+    base = _base_model_of(module)
+    name = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(base, "name_or_path", None)
+    if name and Path(name).exists():
+        return str(Path(name).resolve())
+    return name or None
