@@ -77,9 +77,13 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return t
     check_same_shape(t, "embeddings")
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t.contiguous()), dim=0)
 
 
 def check_same_shape(t: torch.Tensor, what: str) -> None:
@@ -102,7 +106,7 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a detached scalar (for logging the global loss)."""
     if not is_initialized() or dist.get_world_size() == 1:
         return value.detach()
-    v = value.detach().clone().float()
+    v = value.detach().clone().to(torch.promote_types(value.dtype, torch.float32))
     if dist.get_backend() == "nccl":
         v = v.cuda()
     dist.all_reduce(v, op=dist.ReduceOp.SUM)

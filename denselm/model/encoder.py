@@ -298,6 +298,13 @@ class BiEncoderModel(nn.Module):
             if false_negative_mask is not None:
                 if false_negative_mask.shape == (B, G):
                     fn_local = false_negative_mask
+                elif false_negative_mask.dim() == 2 and false_negative_mask.shape[0] == B and false_negative_mask.shape[1] % G == 0:
+                    # A (B, all passages) mask, as the collator builds over the global batch:
+                    # keep each query's own group columns.
+                    n_queries = false_negative_mask.shape[1] // G
+                    offset = distributed.info().rank * B if n_queries > B else 0
+                    cols = ((torch.arange(B) + offset) * G).unsqueeze(1) + torch.arange(G)  # (B, G)
+                    fn_local = false_negative_mask.gather(1, cols.to(false_negative_mask.device))
                 else:
                     raise ValueError(
                         f"in 'custom' mode false_negative_mask must be (queries, group) = {(B, G)}, "
@@ -309,7 +316,7 @@ class BiEncoderModel(nn.Module):
             kd = losses.distillation_loss(local, teacher, self.teacher_temperature, self.distill_loss)
             metrics["distillation"] = float(kd.detach())
             loss = loss + self.distill_weight * kd
-        if distributed.is_initialized() and distributed.info().world_size > 1:
+        if cross:
             # Report the global value; keep this rank's gradient (value shift is detached).
             global_loss = distributed.all_reduce_mean(loss)
             loss = loss + (global_loss - loss).detach()
