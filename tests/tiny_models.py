@@ -55,3 +55,16 @@ def random_batch(n: int, lo: int, hi: int, seed: int, padding_side: str = "left"
         body = torch.randint(3, vocab, (length - 1,), generator=g).tolist()
         seqs.append(body + [eos_id])
     return pad_batch(seqs, pad_id=0, padding_side=padding_side), seqs
+
+
+def make_model_dir(path, arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny model folder (config + safetensors + the tiny BPE tokenizer of data_helpers)."""
+    from data_helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    model = tiny_backbone(arch, dtype=dtype, seed=seed, vocab_size=len(tok))
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

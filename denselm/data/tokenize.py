@@ -109,6 +109,8 @@ def tokenize_with_eos(
     if isinstance(texts, str):
         raise TypeError("tokenize_with_eos expects a list of texts, got one str")
     specials = special_tokens(tokenizer)
+    if len(texts) == 0:
+        return ([], 0) if return_truncated else []
     bodies = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     room = max_length - 1 - len(specials.prefix)
     out = [truncate_with_eos(body, specials, max_length) for body in bodies]

@@ -1,0 +1,124 @@
+"""Training checkpoints: written atomically, loaded exactly, old ones pruned.
+
+A checkpoint folder ``checkpoints/step-0000120/`` holds
+  trainable.safetensors   every trainable parameter (full, gathered), by name
+  optimizer.pt            AdamW state (tensors only; loaded with weights_only=True)
+  trainer_state.json      step, batches consumed, scheduler, best metric, RNG states
+  config.yaml             the resolved config
+It is written to a temporary folder and renamed: a crash at any point leaves
+the previous checkpoints intact and never a partial one that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"
+
+
+def rng_state() -> dict:
+    """Every RNG the step touches, JSON-serialisable (torch states as byte lists)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / COMPLETE_MARKER).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    trainer_state: dict,
+    config_yaml: str,
+    keep_last: int,
+    protect: Path | None = None,
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically, then delete all but the last ``keep_last`` (and ``protect``)."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=root))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        state = {**trainer_state, "step": step, "rng": rng_state()}
+        # Written last: its presence marks the folder complete.
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        if protect is None or old.resolve() != Path(protect).resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(trainable tensors, optimizer state, trainer state) of a complete checkpoint."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).exists():
+        raise FileNotFoundError(f"{path} is not a complete denselm checkpoint (no {COMPLETE_MARKER})")
+    trainable = load_file(path / "trainable.safetensors")
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    trainer_state = json.loads((path / COMPLETE_MARKER).read_text())
+    return trainable, optimizer_state, trainer_state
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """``--resume latest`` -> newest complete checkpoint (None when there is none); a path -> itself."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).exists():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
+    return path

@@ -1,0 +1,369 @@
+"""Typed configuration: a YAML file plus dotted command-line overrides.
+
+    denselm train configs/tiny.yaml --train.lr 2e-4 --model.lora.r 8
+
+Each section is a dataclass whose fields are documented by the line under
+them.  Unknown keys, wrong types and bad values give a one-line error that
+names the key (``train.lr``) or the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names it."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train LoRA adapters (peft) instead of every weight."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules to adapt; "all-linear" = every linear layer of attention and MLP."""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """A transformers model folder (or hub name when online)."""
+    dtype: str = "float32"
+    """Dtype the frozen weights are loaded in: float32, bfloat16 or float16 (trainable ones stay float32)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager, flash_attention_2 (when installed)."""
+    pooling: str = "last"
+    """Embedding: last (the EOS we append), mean or first."""
+    normalized: bool = True
+    """L2-normalise embeddings (cosine similarity)."""
+    temperature: float = 0.02
+    """Softmax temperature of the contrastive loss (reset to 1.0 when not normalized, as the seed)."""
+    position_ids: str = "end_aligned"
+    """end_aligned (the seed's numbers, any padding side) or from_zero."""
+    num_layers: int | None = None
+    """Keep only the first N transformer layers (a cheaper, often as good retriever)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings."""
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.pooling not in ("last", "mean", "first"):
+            raise ConfigError(f"model.pooling must be last, mean or first, got {self.pooling!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError(f"model.num_layers must be >= 1, got {self.num_layers}")
+
+
+@dataclass
+class LossConfig:
+    negatives_cross_device: bool = True
+    """Share in-batch negatives across processes (ignored on one process)."""
+    teacher_temperature: float = 1.0
+    """Teacher scores are divided by this before their softmax (0.02-0.05 for cosine teachers)."""
+    distill_weight: float = 1.0
+    """Weight of the distillation term (used when the data has pos_scores/neg_scores)."""
+    distill_loss: str = "soft_ce"
+    """soft_ce (the seed's) or kl."""
+    distill_in_custom_mode: bool = False
+    """Also distil on "custom"-mode batches (the seed ignores teacher scores there)."""
+    sub_batch_size: int = -1
+    """Encode in chunks of this many rows (the seed's option; saves no memory without checkpointing)."""
+    grad_cache: bool = False
+    """Gradient caching: memory-bounded large batches, same gradients."""
+    grad_cache_chunk_size: int | None = None
+    """Rows per gradient-cache chunk."""
+    grad_cache_max_tokens: int | None = None
+    """Padded tokens per gradient-cache chunk."""
+
+    def __post_init__(self):
+        if self.distill_loss not in ("soft_ce", "kl"):
+            raise ConfigError(f"loss.distill_loss must be soft_ce or kl, got {self.distill_loss!r}")
+        if self.teacher_temperature <= 0:
+            raise ConfigError(f"loss.teacher_temperature must be > 0, got {self.teacher_temperature}")
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None
+    """BEIR-format folder evaluated during training (None = no evaluation)."""
+    split: str = "test"
+    """qrels split."""
+    every: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end when data is set)."""
+    metric: str = "ndcg@10"
+    """Metric that picks the best checkpoint."""
+    query_instruction: str | None = None
+    """Instruction for evaluation queries (None = data.prompt)."""
+    batch_size: int = 32
+    """Encoding batch size during evaluation."""
+    max_queries: int | None = None
+    """Evaluate on the first N queries only (faster periodic evaluation)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    """Where checkpoints, logs and the final model go."""
+    per_device_batch_size: int = 8
+    """Queries per process per micro-batch (each with group_size passages)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. Adds no negatives: use loss.grad_cache for big contrastive batches."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_fraction: float = 0.05
+    """Fraction of steps with linear warm-up."""
+    scheduler: str = "linear"
+    """After warm-up: linear, cosine or constant."""
+    epochs: int = 1
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping (None = off)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 autocast; trainable parameters and optimizer state stay fp32."""
+    seed: int = 42
+    """Seed of parameter init (LoRA) and dropout; data randomness uses data.seed."""
+    log_every: int = 1
+    """Log every N optimizer steps."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (older ones deleted; the best one is kept too)."""
+    merge_lora: bool = False
+    """Also write a merged (plain transformers) model at the end."""
+    strategy: str = "ddp"
+    """Multi-process strategy: ddp or fsdp (FSDP2 fully_shard)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1 ... (None = cuda when available)."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+    fail_at_step: int | None = None
+    """Testing aid: kill the process (SIGKILL) right after this optimizer step."""
+
+    def __post_init__(self):
+        if self.per_device_batch_size < 1:
+            raise ConfigError(f"train.per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"train.warmup_fraction must be between 0 and 1, got {self.warmup_fraction}")
+        if self.scheduler not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"train.scheduler must be linear, cosine or constant, got {self.scheduler!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"train.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone and how it embeds."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data, templates and sampling."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Contrastive and distillation settings."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training."""
+
+    def validate_paths(self) -> None:
+        if not self.model.name_or_path:
+            raise ConfigError("model.name_or_path is required")
+        name = self.model.name_or_path
+        looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).suffix != ""
+        if looks_local and not Path(name).expanduser().exists():
+            raise ConfigError(f"model.name_or_path: {name} does not exist")
+        if not self.train.output_dir:
+            raise ConfigError("train.output_dir is required")
+        if not self.data.train_data:
+            raise ConfigError("data.train_data is required")
+        for p in self.data.train_data:
+            if not Path(p).exists():
+                raise ConfigError(f"data.train_data: {p} does not exist")
+        if self.eval.data and not Path(self.eval.data).exists():
+            raise ConfigError(f"eval.data: {self.eval.data} does not exist")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------- building
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to a field's annotated type; ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return build(tp, value, prefix=key)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and item is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a (nested) dict, naming bad keys as ``prefix.key``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (values or {}).items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--train.lr', '2e-4', '--model.lora.r=8']`` -> nested dict with YAML-parsed values."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) is False and value is None and raw not in ("null", "~", "None"):
+            value = raw
+        if raw == "None":
+            value = None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply overrides, build and validate the Config."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    values = _merge(values, parse_overrides(overrides or []))
+    return build(Config, values)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

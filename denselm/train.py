@@ -1,0 +1,448 @@
+"""The training loop: one code path for 1 CPU, 1 GPU or N processes under torchrun.
+
+    denselm train configs/tiny.yaml --train.max_steps 20
+    torchrun --nproc_per_node 8 -m denselm.cli train configs/mistral7b.yaml
+    denselm train configs/tiny.yaml --resume latest
+
+Single process is world size 1: no special case below.  Per optimizer step:
+accumulate ``gradient_accumulation_steps`` micro-batches (DDP syncs on the
+last), clip, AdamW, schedule; then log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import Config, ConfigError, load_config
+from .data.dataset import TrainDataset, build_dataloader
+from .data.templates import add_template_tokens, get_template
+from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
+from .model.encoder import BiEncoderModel
+
+logger = logging.getLogger("denselm.train")
+ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (NaN loss...); the last good checkpoint is intact."""
+
+
+# ------------------------------------------------------------------ building
+def build_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    if tok.eos_token is None:
+        raise ConfigError(f"model.name_or_path: the tokenizer of {cfg.model.name_or_path} has no eos_token")
+    added = []
+    template = get_template(cfg.data.template)
+    if template.special_tokens:
+        before = set(tok.get_vocab())
+        add_template_tokens(tok, template)
+        added = [t for t in template.special_tokens if t not in before]
+    return tok, added
+
+
+def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderModel:
+    backbone = load_backbone(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.num_layers)
+    trainable_token_ids = None
+    if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+        backbone.resize_token_embeddings(len(tokenizer))
+    if added_tokens:
+        trainable_token_ids = tokenizer.convert_tokens_to_ids(added_tokens)
+    if cfg.model.lora.enabled:
+        backbone = apply_lora(backbone, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout,
+                              cfg.model.lora.target_modules, trainable_token_ids)
+    n_trainable = trainable_to_fp32(backbone)
+    n_total = sum(p.numel() for p in backbone.parameters())
+    logger.info("model: %s, %d layers, %.1fM parameters, %.2fM trainable (float32)", cfg.model.name_or_path,
+                len(decoder_layers(backbone)), n_total / 1e6, n_trainable / 1e6)
+    manifest = {
+        "template": cfg.data.template,
+        "prompt": cfg.data.prompt,
+        "query_max_len": cfg.data.query_max_len,
+        "passage_max_len": cfg.data.passage_max_len,
+        "passage_prefix": cfg.data.passage_prefix,
+        "added_tokens": added_tokens,
+        "num_layers": cfg.model.num_layers,
+        "base_model": str(Path(cfg.model.name_or_path).resolve()) if Path(cfg.model.name_or_path).exists() else cfg.model.name_or_path,
+    }
+    model = BiEncoderModel(
+        model=backbone,
+        tokenizer=tokenizer,
+        normalized=cfg.model.normalized,
+        temperature=cfg.model.temperature,
+        negatives_cross_device=cfg.loss.negatives_cross_device and distributed.info().world_size > 1,
+        sub_batch_size=cfg.loss.sub_batch_size,
+        pooling=cfg.model.pooling,
+        teacher_temperature=cfg.loss.teacher_temperature,
+        distill_weight=cfg.loss.distill_weight,
+        distill_loss=cfg.loss.distill_loss,
+        distill_in_custom_mode=cfg.loss.distill_in_custom_mode,
+        grad_cache=cfg.loss.grad_cache,
+        grad_cache_chunk_size=cfg.loss.grad_cache_chunk_size,
+        grad_cache_max_tokens=cfg.loss.grad_cache_max_tokens,
+        position_ids=cfg.model.position_ids,
+        manifest=manifest,
+    )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def wrap_distributed(model: BiEncoderModel, cfg: Config, device: torch.device) -> None:
+    """DDP around the backbone (so gradient caching can use no_sync), or FSDP2 per layer."""
+    if distributed.info().world_size == 1:
+        return
+    if cfg.train.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model.model):
+            fully_shard(layer)
+        fully_shard(model.model)
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        model.model = DDP(model.model, device_ids=ids, broadcast_buffers=False)
+
+
+def trainable_state(model: BiEncoderModel, cfg: Config) -> dict[str, torch.Tensor]:
+    """Full (gathered) trainable parameters by name; every rank must call it under FSDP."""
+    inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
+    names = [n for n, p in inner.named_parameters() if p.requires_grad]
+    if distributed.info().world_size > 1 and cfg.train.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: full[n] for n in names}
+    params = dict(inner.named_parameters())
+    return {n: params[n].detach() for n in names}
+
+
+def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor]) -> None:
+    inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
+    params = dict(inner.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing:
+        raise TrainingError(f"checkpoint lacks trainable parameters, e.g. {missing[:3]} (different LoRA/model config?)")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    warmup = int(round(cfg.train.warmup_fraction * total_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.train.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.train.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def micro_batches(batch, accum: int, cross_device: bool) -> list[dict]:
+    """Split this rank's step batch into ``accum`` model inputs of B queries each.
+
+    Rows keep the step batch's padding (so positions, hence numbers, are those of
+    the big batch).  The false-negative mask keeps the columns of the passages
+    each micro-batch is scored against: its own (and, cross-device, the same
+    micro-batch of every other rank).
+    """
+    total = batch.batch_size
+    if total % accum:
+        raise ConfigError(
+            f"a batch of {total} queries (dataset {batch.dataset}) does not split into "
+            f"train.gradient_accumulation_steps={accum} micro-batches"
+        )
+    B, G, W, r = total // accum, batch.group_size, batch.world_size, batch.rank
+    mask = batch.false_negative_mask  # (B * accum, W * B * accum * G) or None
+    out = []
+    for m in range(accum):
+        q_rows, p_rows = slice(m * B, (m + 1) * B), slice(m * B * G, (m + 1) * B * G)
+        fn = None
+        if mask is not None:
+            ranks = range(W) if cross_device else [r]
+            cols = torch.cat([torch.arange((k * total + m * B) * G, (k * total + (m + 1) * B) * G) for k in ranks])
+            fn = mask[q_rows][:, cols.to(mask.device)]
+        out.append({
+            "query": {k: v[q_rows] for k, v in batch.query.items()},
+            "passage": {k: v[p_rows] for k, v in batch.passage.items()},
+            "messages": batch.messages,
+            "teacher_scores": None if batch.teacher_scores is None else batch.teacher_scores[p_rows],
+            "false_negative_mask": fn,
+        })
+    return out
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.train.device:
+        return torch.device(cfg.train.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed.info().local_rank)
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------- logging
+class RunLog:
+    """JSON lines in ``log.jsonl`` (rank 0), TensorBoard when installed."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = output_dir / "log.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop lines of steps after the checkpoint: they are about to be re-run.
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in kept))
+            os.replace(tmp, self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate_during_training(model: BiEncoderModel, cfg: Config, data) -> dict[str, float]:
+    from .evaluate import evaluate_model
+    from .inference import Encoder
+
+    inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
+    view = BiEncoderModel(model=inner, tokenizer=model.tokenizer, normalized=model.normalized, pooling=model.pooling,
+                          position_ids=model.position_policy, manifest=model.manifest)
+    enc = Encoder(view, batch_size=cfg.eval.batch_size, show_progress=distributed.info().is_main)
+    instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
+    ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
+    return evaluate_model(lambda t: enc.encode_queries(t, instruction=instruction), enc.encode_corpus, data, ks=ks)
+
+
+# ---------------------------------------------------------------------- loop
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Run training; returns the final model folder (``output_dir/model``)."""
+    cfg.validate_paths()
+    dist_info = distributed.init_from_env()
+    rank, world = dist_info.rank, dist_info.world_size
+    output_dir = Path(cfg.train.output_dir)
+    resume_path = ckpt.resolve_resume(output_dir, resume)
+    if resume is None and (output_dir / "model").exists():
+        raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.train.seed + rank)
+
+    tokenizer, added_tokens = build_tokenizer(cfg)
+    accum = cfg.train.gradient_accumulation_steps
+    # One sampler batch = one optimizer step (per_device x accum queries per rank), split into
+    # micro-batches below: accumulation sees the same examples as one big batch would.
+    dataset = TrainDataset(cfg.data, tokenizer, cfg.train.per_device_batch_size * accum, world_size=world, rank=rank)
+    if dist_info.is_main:
+        logger.info(dataset.summary())
+    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * dataset.steps_per_epoch)
+
+    model = build_model(cfg, tokenizer, added_tokens).to(device)
+    wrap_distributed(model, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=tuple(cfg.train.adam_betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+    step, best = 0, None
+    if resume_path is not None:
+        tensors, opt_state, state = ckpt.load_checkpoint(resume_path)
+        load_trainable(model, tensors)
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(state["scheduler"])
+        step, best = state["step"], state.get("best")
+        logger.info("resumed from %s at step %d", resume_path, step)
+    elif resume == "latest":
+        logger.info("--resume latest: no checkpoint in %s, starting from scratch", output_dir)
+
+    eval_data = None
+    if cfg.eval.data:
+        from .beir import load_beir
+
+        eval_data = load_beir(cfg.eval.data, cfg.eval.split)
+        if cfg.eval.max_queries:
+            keep = set(list(eval_data.qrels)[: cfg.eval.max_queries])
+            eval_data.qrels = {q: v for q, v in eval_data.qrels.items() if q in keep}
+
+    if dist_info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = RunLog(output_dir, dist_info.is_main, cfg.train.tensorboard, step if resume_path else None)
+    loader = build_dataloader(dataset, *dataset.position(step), num_batches=total_steps - step)
+    batches = iter(loader)  # draws a seed from the torch RNG: before restoring it, as in the first run
+    if resume_path is not None:
+        ckpt.set_rng_state(state["rng"])
+        if state.get("rank_rng") and len(state["rank_rng"]) == world:
+            torch.set_rng_state(torch.tensor(state["rank_rng"][rank], dtype=torch.uint8))
+    backbone_sync = getattr(model.model, "no_sync", None)
+    progress = None
+    if dist_info.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    model.train()
+    started, tokens_seen = time.perf_counter(), 0
+    while step < total_steps:
+        # ---- one optimizer step: accumulate micro-batches (DDP syncs on the last one)
+        loss_sum, parts = 0.0, {}
+        batch = next(batches).to(device, non_blocking=True)
+        for micro, mb in enumerate(micro_batches(batch, accum, model.negatives_cross_device)):
+            sync = micro == accum - 1 or backbone_sync is None or cfg.loss.grad_cache
+            with (contextlib.nullcontext() if sync else backbone_sync()):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = model(**mb)
+                scaler.scale(out.loss / accum).backward()
+            loss_sum += float(out.loss.detach())
+            for k, v in out.metrics.items():
+                parts[k] = parts.get(k, 0.0) + v / accum
+        fn_count, real_tokens = batch.num_false_negatives, batch.query_tokens + batch.passage_tokens
+        loss_value = float(distributed.all_reduce_mean(torch.tensor(loss_sum / accum, dtype=torch.float64)))
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is intact"
+                + (f" ({ckpt.list_checkpoints(output_dir)[-1]})" if ckpt.list_checkpoints(output_dir) else "")
+                + ". Try a lower train.lr, train.precision bf16 instead of fp16, or a larger model.temperature."
+            )
+        scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm
+                     else torch.tensor(0.0))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # ---- bookkeeping: logs, evaluation, checkpoints
+        tokens_seen += real_tokens * world
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
+                  "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
+        if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
+            metrics = evaluate_during_training(model, cfg, eval_data)
+            record.update({f"eval/{k}": v for k, v in metrics.items()})
+            value = metrics.get(cfg.eval.metric)
+            if value is None:
+                raise ConfigError(f"eval.metric {cfg.eval.metric!r} is not one of {sorted(metrics)}")
+            if best is None or value > best["value"]:
+                best = {"step": step, "value": value, "metric": cfg.eval.metric}
+                if dist_info.is_main:
+                    model_for_save(model).save(output_dir / "best")
+            model.train()
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            log.write(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
+            save_training_checkpoint(model, cfg, optimizer, scheduler, step, best, output_dir)
+        if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash no handler can soften
+
+    if progress is not None:
+        progress.close()
+    final = output_dir / "model"
+    full_state = None
+    if world > 1 and cfg.train.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(model.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_info.is_main:
+        model_for_save(model).save(final, state_dict=full_state)
+        if cfg.train.merge_lora and cfg.model.lora.enabled:
+            model_for_save(model).save(output_dir / "model-merged", merge_lora=True)
+        logger.info("saved %s%s", final, f" (best {best['metric']} {best['value']:.4f} at step {best['step']})" if best else "")
+    distributed.barrier()
+    return final
+
+
+def model_for_save(model: BiEncoderModel) -> BiEncoderModel:
+    """The BiEncoderModel around the unwrapped backbone (DDP's .module)."""
+    if isinstance(model.model, torch.nn.parallel.DistributedDataParallel):
+        return BiEncoderModel(model=model.model.module, tokenizer=model.tokenizer, normalized=model.normalized,
+                              temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,
+                              position_ids=model.position_policy, manifest=model.manifest)
+    return model
+
+
+def save_training_checkpoint(model, cfg, optimizer, scheduler, step, best, output_dir) -> None:
+    info = distributed.info()
+    tensors = trainable_state(model, cfg)
+    opt_state = optimizer.state_dict()
+    # Each rank's dropout RNG differs (seeded seed + rank): keep all of them.
+    rank_rng = torch.get_rng_state()
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, rank_rng.tolist())
+        rank_rng_all = gathered
+    else:
+        rank_rng_all = [rank_rng.tolist()]
+    if info.is_main:
+        protect = None
+        if best is not None:
+            protect = output_dir / "checkpoints" / f"step-{best['step']:07d}"
+        ckpt.save_checkpoint(
+            output_dir, step, tensors, opt_state,
+            {"scheduler": scheduler.state_dict(), "best": best, "world_size": info.world_size, "rank_rng": rank_rng_all},
+            yaml.safe_dump(cfg.to_dict(), sort_keys=False), cfg.train.keep_last, protect,
+        )
+    distributed.barrier()
+
+
+# ----------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (see configs/); overrides: --section.key value")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from the latest checkpoint in train.output_dir, or from a given folder")
+
+
+def run(args) -> int:
+    overrides = list(getattr(args, "_unknown", []))
+    cfg = load_config(args.config, overrides)
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingError as err:
+        logger.error("%s", err)
+        return 3
+    return 0

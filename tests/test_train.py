@@ -1,0 +1,189 @@
+"""`denselm train` end to end on tiny models: files, parameters, logs, resume, invariants, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from data_helpers import numbered_rows, write_jsonl
+from tiny_models import make_model_dir
+
+from denselm.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def write_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
+    data = tmp_path / "data"
+    write_jsonl(data / "a.jsonl", numbered_rows("apple", 24, num_neg=5))
+    write_jsonl(data / "b.jsonl", numbered_rows("pear", 16, num_neg=5, pos_scores=[1.0],
+                                                neg_scores=[0.5, 0.4, 0.3, 0.2, 0.1]))
+    cfg = {
+        "model": {"name_or_path": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+        "data": {"train_data": [str(data)], "group_size": 4, "query_max_len": 24, "passage_max_len": 24,
+                 "prompt": "Given a fruit, retrieve its passage", "num_workers": 0},
+        "loss": {"teacher_temperature": 0.5},
+        "train": {"output_dir": str(tmp_path / "out"), "per_device_batch_size": 4, "lr": 1e-3, "max_steps": 4,
+                  "save_every": 2, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_log(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def test_cli_end_to_end(tmp_path, model_dir):
+    from denselm.config import load_config
+    from denselm.train import build_model, build_tokenizer
+
+    cfg_path = write_config(tmp_path, model_dir)
+    assert cli_main(["train", str(cfg_path)]) == 0
+    out = tmp_path / "out"
+    files = {p.name for p in (out / "model").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "denselm.json", "tokenizer.json"} <= files
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    ck = out / "checkpoints" / "step-0000004"
+    assert {p.name for p in ck.iterdir()} == {"trainable.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml"}
+    log = read_log(out)
+    assert sorted(log) == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in log.values())
+    assert any("distillation" in r for r in log.values())  # the "pear" file carries teacher scores
+    # every trainable parameter moved away from its initial value
+    cfg = load_config(cfg_path)
+    torch.manual_seed(cfg.train.seed)
+    tok, added = build_tokenizer(cfg)
+    initial = {n: p.detach().clone() for n, p in build_model(cfg, tok, added).model.named_parameters() if p.requires_grad}
+    trained = load_file(ck / "trainable.safetensors")
+    assert set(trained) == set(initial)
+    unchanged = [n for n in initial if torch.equal(initial[n], trained[n])]
+    assert unchanged == []
+    # the final folder loads for encoding
+    from denselm.inference import load_encoder
+
+    enc = load_encoder(out / "model", device="cpu", show_progress=False)
+    emb = enc.encode_queries(["apple q1", "pear q2"])
+    assert emb.shape == (2, 64) and abs(float((emb ** 2).sum(1)[0]) - 1) < 1e-5
+    # a second run into the finished folder is refused
+    assert cli_main(["train", str(cfg_path)]) == 2
+
+
+def _run_cli(args, env_extra=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "denselm.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.mark.timeout(300)
+def test_kill_and_resume_logs_identical_losses(tmp_path, model_dir):
+    steps = {"max_steps": 6, "save_every": 2}
+    ref_cfg = write_config(tmp_path / "ref", model_dir, train={**steps, "output_dir": str(tmp_path / "ref_out")})
+    _run_cli(["train", str(ref_cfg)])
+    cfg = write_config(tmp_path / "crash", model_dir, train={**steps, "output_dir": str(tmp_path / "crash_out")})
+    killed = _run_cli(["train", str(cfg), "--train.fail_at_step", "3"], check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    out = tmp_path / "crash_out"
+    assert not (out / "model").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-0000002"]
+    _run_cli(["train", str(cfg), "--resume"])
+    ref, resumed = read_log(tmp_path / "ref_out"), read_log(out)
+    assert sorted(resumed) == sorted(ref) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert abs(resumed[step]["loss"] - ref[step]["loss"]) <= 1e-6, (step, resumed[step], ref[step])
+    a = load_file(out / "checkpoints" / "step-0000006" / "trainable.safetensors")
+    b = load_file(tmp_path / "ref_out" / "checkpoints" / "step-0000006" / "trainable.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def _final_trainable(tmp_path, model_dir, name, **sections):
+    cfg = write_config(tmp_path / name, model_dir, **sections)
+    assert cli_main(["train", str(cfg)]) == 0
+    return load_file(tmp_path / name / "out" / "checkpoints" / "step-0000002" / "trainable.safetensors")
+
+
+def _max_rel(a, b):
+    num = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+    den = sum(float(b[k].double().norm() ** 2) for k in b) ** 0.5
+    return num / den
+
+
+@pytest.fixture(scope="module")
+def model_dir64(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny64") / "llama", dtype=torch.float64)
+
+
+def test_custom_mode_accumulation_equals_big_batch(tmp_path, model_dir64):
+    """Own-group loss: batch 8 x accumulation 1 == batch 4 x accumulation 2 (float64)."""
+    common = dict(model={"name_or_path": str(model_dir64), "dtype": "float64", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                  data={"dataset_modes": {"a.jsonl": "custom", "b.jsonl": "custom"}, "group_size": 4,
+                        "query_max_len": 24, "passage_max_len": 24, "prompt": "p", "num_workers": 0,
+                        "train_data": [str(tmp_path / "data_shared")]})
+    write_jsonl(tmp_path / "data_shared" / "a.jsonl", numbered_rows("apple", 16, num_neg=5))
+    write_jsonl(tmp_path / "data_shared" / "b.jsonl", numbered_rows("pear", 16, num_neg=5))
+    big = _final_trainable(tmp_path, model_dir64, "big", **common,
+                           train={"per_device_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 2, "save_every": 2,
+                                  "output_dir": str(tmp_path / "big" / "out"), "tensorboard": False, "max_grad_norm": None})
+    small = _final_trainable(tmp_path, model_dir64, "small", **common,
+                             train={"per_device_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2, "save_every": 2,
+                                    "output_dir": str(tmp_path / "small" / "out"), "tensorboard": False, "max_grad_norm": None})
+    assert _max_rel(small, big) <= 1e-10
+
+
+def test_grad_cache_on_and_off_give_the_same_update(tmp_path, model_dir64):
+    # Dropout off: chunks draw their masks per chunk, a full batch draws one mask (the replay of
+    # each chunk's own masks is tested in test_encoder.py::test_grad_cache_replays_dropout).
+    common = dict(model={"name_or_path": str(model_dir64), "dtype": "float64", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    train = {"max_steps": 2, "save_every": 2, "tensorboard": False}
+    plain = _final_trainable(tmp_path, model_dir64, "plain", **common,
+                             train={**train, "output_dir": str(tmp_path / "plain" / "out")})
+    cached = _final_trainable(tmp_path, model_dir64, "cached", **common,
+                              loss={"grad_cache": True, "grad_cache_chunk_size": 3, "teacher_temperature": 0.5},
+                              train={**train, "output_dir": str(tmp_path / "cached" / "out")})
+    assert _max_rel(cached, plain) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--train.lrr", "1"], "unknown config key 'train.lrr'"),
+        (["--train.lr", "abc"], "train.lr must be a number"),
+        (["--train.warmup_fraction", "2"], "train.warmup_fraction must be between 0 and 1"),
+        (["--model.name_or_path", "/nonexistent/model"], "/nonexistent/model"),
+        (["--data.train_data", "/nonexistent/data.jsonl"], "data.train_data: /nonexistent/data.jsonl does not exist"),
+        (["--data.group_size", "0"], "data.group_size must be an integer >= 1"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path, model_dir, capsys, override, message):
+    cfg = write_config(tmp_path, model_dir)
+    assert cli_main(["train", str(cfg), *override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_bad_data_line_names_file_and_line(tmp_path, model_dir, capsys):
+    cfg = write_config(tmp_path, model_dir)
+    with open(tmp_path / "data" / "a.jsonl", "a") as f:
+        f.write('{"query": "x", "pos": [], "neg": ["y"]}\n')
+    assert cli_main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "a.jsonl:25" in err and "pos" in err
+    assert not (tmp_path / "out").exists()
