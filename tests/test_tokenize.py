@@ -1,0 +1,243 @@
+"""denselm.data.tokenize on real tokenizers: EOS exactly once, at the pooled position.
+
+    OMP_NUM_THREADS=1 pytest tests/test_tokenize.py -q
+
+Fixtures (tests/tokenizer_fixtures.py): GPT-2 BPE, Qwen3 (pad == eos, and the
+chat config), SmolLM2 (pad == eos), SmolLM2 whose tokenizer adds BOS and EOS
+itself (Llama-style ``add_eos_token``), and Gemma 3 (adds BOS) when its GGUF
+package is installed.  The ids below were read off the real tokenizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from denselm.data.tokenize import (
+    SpecialTokens,
+    encode_texts,
+    pad_batch,
+    special_tokens,
+    tokenize_with_eos,
+)
+from denselm.model.pooling import last_token_indices, last_token_pool
+from tokenizer_fixtures import FIXTURE_NAMES, OPTIONAL_FIXTURE_NAMES, fixture_tokenizer
+
+
+@dataclass(frozen=True)
+class Facts:
+    prefix: tuple[int, ...]  # what the tokenizer puts before a text (BOS)
+    eos: int
+    pad: int
+    hello_world: tuple[int, ...]  # "Hello world" without special tokens
+
+
+FACTS = {
+    "gpt2": Facts((), 50256, 50256, (15496, 995)),  # no pad token: falls back to eos
+    "qwen3": Facts((), 151643, 151643, (9707, 1879)),  # pad == eos == <|endoftext|>
+    "qwen3-chat": Facts((), 151645, 151643, (9707, 1879)),  # eos <|im_end|>, pad <|endoftext|>
+    "smollm2": Facts((), 2, 2, (19556, 905)),  # pad == eos == <|im_end|>; BOS not added
+    "smollm2-bos-eos": Facts((1,), 2, 2, (19556, 905)),  # tokenizer adds <|im_start|> ... <|im_end|>
+    "gemma3": Facts((2,), 1, 0, (9259, 1902)),  # <bos> added; eos <eos>, pad <pad>
+}
+NAMES = FIXTURE_NAMES + OPTIONAL_FIXTURE_NAMES
+SIDES = ("left", "right")
+MAX_LEN = 16
+LONG = "A longer passage about dense retrieval with decoder-only language models. " * 20
+TEXTS = ["Hello world", "", LONG, "naïve café — 你好, 12345!\n\tnew line", "x"]
+
+
+@pytest.fixture(params=NAMES)
+def name(request):
+    return request.param
+
+
+@pytest.fixture
+def tok(name):
+    return fixture_tokenizer(name)  # skips gemma3 when its package is not installed
+
+
+def real_rows(batch) -> list[list[int]]:
+    """Each row's ids where the attention mask is 1."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def test_fixture_facts(name, tok):
+    facts = FACTS[name]
+    assert special_tokens(tok) == SpecialTokens(prefix=facts.prefix, eos_id=facts.eos, pad_id=facts.pad)
+    assert tuple(tok("Hello world", add_special_tokens=False)["input_ids"]) == facts.hello_world
+    assert tokenize_with_eos(tok, ["Hello world"], MAX_LEN) == [[*facts.prefix, *facts.hello_world, facts.eos]]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_each_row_ends_with_one_eos_at_the_pooled_position(name, tok, side):
+    facts = FACTS[name]
+    batch = encode_texts(tok, TEXTS, max_length=MAX_LEN, padding_side=side)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    assert B == len(TEXTS) and T <= MAX_LEN and ids.dtype == torch.long
+    room = MAX_LEN - 1 - len(facts.prefix)
+    lengths = mask.sum(dim=1)
+    assert T == int(lengths.max())
+
+    for row, (text, real) in enumerate(zip(TEXTS, real_rows(batch))):
+        n = len(real)
+        # The mask is one block of ones against the padding side.
+        block = [0] * (T - n) + [1] * n if side == "left" else [1] * n + [0] * (T - n)
+        assert mask[row].tolist() == block, f"row {row}"
+        assert n <= MAX_LEN
+        assert real[-1] == facts.eos and real.count(facts.eos) == 1, f"row {row}: {real}"
+        assert tuple(real[: len(facts.prefix)]) == facts.prefix
+        for bos in facts.prefix:
+            assert real.count(bos) == 1
+        # Truncation keeps the start of the text.
+        full = tok(text, add_special_tokens=False)["input_ids"]
+        assert real[len(facts.prefix) : -1] == full[:room]
+
+    # The long text was cut to exactly max_length, and what is left is its beginning.
+    long_real = real_rows(batch)[TEXTS.index(LONG)]
+    assert len(long_real) == MAX_LEN
+    assert LONG.startswith(tok.decode(long_real[len(facts.prefix) : -1]).strip())
+
+    # The position last-token pooling reads holds EOS, per row, for either side.
+    idx = last_token_indices(mask)
+    expected_idx = torch.full((B,), T - 1) if side == "left" else lengths - 1
+    assert torch.equal(idx, expected_idx)
+    assert (ids[torch.arange(B), idx] == facts.eos).all()
+    pooled = last_token_pool(ids.unsqueeze(-1).double(), mask).squeeze(-1)  # hidden state = the id
+    assert pooled.tolist() == [float(facts.eos)] * B
+
+
+def test_left_and_right_padding_hold_the_same_tokens(tok):
+    left = encode_texts(tok, TEXTS, MAX_LEN, padding_side="left")
+    right = encode_texts(tok, TEXTS, MAX_LEN, padding_side="right")
+    assert left["input_ids"].shape == right["input_ids"].shape
+    assert real_rows(left) == real_rows(right)
+    assert torch.equal(left["attention_mask"].sum(1), right["attention_mask"].sum(1))
+
+
+@pytest.mark.parametrize("pad_eq_eos", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("side", SIDES)
+def test_pad_equal_to_eos_only_the_mask_marks_the_real_eos(pad_eq_eos, side):
+    tok = fixture_tokenizer(pad_eq_eos)
+    eos = FACTS[pad_eq_eos].eos
+    assert special_tokens(tok).pad_id == eos
+    batch = encode_texts(tok, ["Hi", LONG], MAX_LEN, padding_side=side)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    T = ids.shape[1]
+    n = len(tokenize_with_eos(tok, ["Hi"], MAX_LEN)[0])
+    assert n < T and int(mask[0].sum()) == n
+    # Row 0: the real EOS and the padding are the same id, so ids alone cannot locate it;
+    # of its T - n + 1 EOS ids, the mask marks exactly one.
+    is_eos = ids[0] == eos
+    assert int(is_eos.sum()) == T - n + 1
+    assert int((is_eos & mask[0].bool()).sum()) == 1
+    idx = last_token_indices(mask)
+    assert idx.tolist() == ([T - 1, T - 1] if side == "left" else [n - 1, T - 1])
+    assert mask[0, idx[0]] == 1 and ids[0, idx[0]] == eos
+    if side == "right":  # the id-based guess is off by one: it takes the real EOS for padding
+        assert int((ids[0] != special_tokens(tok).pad_id).sum()) - 1 == n - 2
+
+
+OWN_EOS_CASES = [pytest.param((n, True), id=f"{n}-add_eos_token") for n in NAMES]
+OWN_EOS_CASES.append(pytest.param(("smollm2-bos-eos", False), id="smollm2-bos-eos"))
+
+
+@pytest.mark.parametrize("loaded", OWN_EOS_CASES)
+def test_tokenizer_that_appends_eos_itself_is_not_doubled(loaded):
+    name, add_eos_kwarg = loaded
+    tok = fixture_tokenizer(name, add_eos_token=True) if add_eos_kwarg else fixture_tokenizer(name)
+    eos = FACTS[name].eos
+    own = tok("Hello world")["input_ids"]
+    assert own[-1] == eos  # the tokenizer does append EOS itself (transformers 5 honours the flag)
+    ours = tokenize_with_eos(tok, ["Hello world", LONG], MAX_LEN)
+    # Ours equals the tokenizer's own output where it fits, and never holds a second EOS.
+    assert ours[0] == own
+    assert [row.count(eos) for row in ours] == [1, 1]
+    assert len(ours[1]) == MAX_LEN and ours[1][-1] == eos
+
+
+def test_max_length_too_small_raises(name, tok):
+    facts = FACTS[name]
+    with pytest.raises(ValueError, match="max_length=%d" % (1 + len(facts.prefix))):
+        tokenize_with_eos(tok, ["Hello world"], max_length=1 + len(facts.prefix))
+    smallest = tokenize_with_eos(tok, ["Hello world"], max_length=2 + len(facts.prefix))
+    assert smallest == [[*facts.prefix, facts.hello_world[0], facts.eos]]
+
+
+def test_empty_text_is_prefix_plus_eos(name, tok):
+    facts = FACTS[name]
+    assert tokenize_with_eos(tok, [""], MAX_LEN) == [[*facts.prefix, facts.eos]]
+    for side in SIDES:
+        batch = encode_texts(tok, ["", "Hello world"], MAX_LEN, padding_side=side)
+        n_empty, n_hello = len(facts.prefix) + 1, len(facts.prefix) + 3
+        assert batch["input_ids"].shape == (2, n_hello)
+        assert batch["attention_mask"].sum(1).tolist() == [n_empty, n_hello]
+        idx = last_token_indices(batch["attention_mask"])
+        assert batch["input_ids"][torch.arange(2), idx].tolist() == [facts.eos, facts.eos]
+
+
+def test_return_truncated_counts_cut_texts(name, tok):
+    p = len(FACTS[name].prefix)
+    # "Hello world" is 2 tokens in every fixture: room for 2 keeps it whole, room for 1 cuts it.
+    ids, cut = tokenize_with_eos(tok, ["Hello world", LONG], max_length=p + 3, return_truncated=True)
+    assert cut == 1 and [len(r) for r in ids] == [p + 3, p + 3]
+    _, cut = tokenize_with_eos(tok, ["Hello world", LONG], max_length=p + 2, return_truncated=True)
+    assert cut == 2
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_pad_to_multiple_of_on_real_tokenizer(name, tok, side):
+    facts = FACTS[name]
+    batch = encode_texts(tok, ["Hello world", "x"], MAX_LEN, padding_side=side, pad_to_multiple_of=8)
+    n = len(facts.prefix) + 3
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"][0].sum() == n
+    idx = last_token_indices(batch["attention_mask"])
+    assert idx[0] == (7 if side == "left" else n - 1)
+    assert (batch["input_ids"][torch.arange(2), idx] == facts.eos).all()
+    pads = batch["input_ids"][batch["attention_mask"] == 0]
+    assert (pads == facts.pad).all()
+
+
+def test_a_single_string_is_refused():
+    with pytest.raises(TypeError, match="list of texts"):
+        tokenize_with_eos(fixture_tokenizer("gpt2"), "one text", MAX_LEN)
+
+
+# ----------------------------------------------------------------------------- pad_batch, worked by hand
+
+
+def test_pad_batch_left_and_right():
+    seqs = [[5, 6, 7], [8]]
+    left = pad_batch(seqs, pad_id=0, padding_side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    right = pad_batch(seqs, pad_id=9, padding_side="right")
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert left["input_ids"].dtype == torch.long and left["attention_mask"].dtype == torch.long
+    assert last_token_indices(left["attention_mask"]).tolist() == [2, 2]
+    assert last_token_indices(right["attention_mask"]).tolist() == [2, 0]
+
+
+def test_pad_batch_pad_to_multiple_of():
+    seqs = [[5, 6, 7], [8]]
+    left = pad_batch(seqs, pad_id=0, padding_side="left", pad_to_multiple_of=4)
+    assert left["input_ids"].tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    right = pad_batch(seqs, pad_id=0, padding_side="right", pad_to_multiple_of=4)
+    assert right["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert pad_batch([[1, 2, 3, 4]], 0, pad_to_multiple_of=4)["input_ids"].shape == (1, 4)  # already a multiple
+    assert pad_batch([[1]], 0, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
+
+
+def test_pad_batch_bad_input():
+    with pytest.raises(ValueError, match="padding_side"):
+        pad_batch([[1]], 0, padding_side="middle")
+    with pytest.raises(ValueError, match="no sequences"):
+        pad_batch([], 0)
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        pad_batch([[1], []], 0)
