@@ -126,8 +126,9 @@ def trainable_state(model: BiEncoderModel, cfg: Config) -> dict[str, torch.Tenso
     if distributed.info().world_size > 1 and cfg.train.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        # cpu_offload: only rank 0 receives the gathered tensors (the others get {}).
         full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {n: full[n] for n in names}
+        return {n: full[n] for n in names} if distributed.info().is_main else {}
     params = dict(inner.named_parameters())
     return {n: params[n].detach() for n in names}
 
@@ -138,6 +139,11 @@ def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor]) -> N
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     if missing:
         raise TrainingError(f"checkpoint lacks trainable parameters, e.g. {missing[:3]} (different LoRA/model config?)")
+    if any(type(p).__name__ == "DTensor" for p in params.values()):  # FSDP2: shard the full tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(inner, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -261,7 +267,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     if resume is None and (output_dir / "model").exists():
         raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
     device = pick_device(cfg)
-    torch.manual_seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
 
     tokenizer, added_tokens = build_tokenizer(cfg)
     accum = cfg.train.gradient_accumulation_steps
@@ -274,6 +280,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     model = build_model(cfg, tokenizer, added_tokens).to(device)
     wrap_distributed(model, cfg, device)
+    torch.manual_seed(cfg.train.seed + rank)  # dropout: each rank its own masks
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   betas=tuple(cfg.train.adam_betas))
@@ -285,7 +292,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     if resume_path is not None:
         tensors, opt_state, state = ckpt.load_checkpoint(resume_path)
         load_trainable(model, tensors)
-        optimizer.load_state_dict(opt_state)
+        if world > 1 and cfg.train.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model.model, optimizer, opt_state,
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        else:
+            optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(state["scheduler"])
         step, best = state["step"], state.get("best")
         logger.info("resumed from %s at step %d", resume_path, step)
@@ -407,7 +420,13 @@ def model_for_save(model: BiEncoderModel) -> BiEncoderModel:
 def save_training_checkpoint(model, cfg, optimizer, scheduler, step, best, output_dir) -> None:
     info = distributed.info()
     tensors = trainable_state(model, cfg)
-    opt_state = optimizer.state_dict()
+    if info.world_size > 1 and cfg.train.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt_state = get_optimizer_state_dict(model.model, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        opt_state = optimizer.state_dict()
     # Each rank's dropout RNG differs (seeded seed + rank): keep all of them.
     rank_rng = torch.get_rng_state()
     if info.world_size > 1:

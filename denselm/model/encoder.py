@@ -421,6 +421,9 @@ class BiEncoderModel(nn.Module):
                 merged = copy.deepcopy(base).merge_and_unload()
                 merged.save_pretrained(tmp, safe_serialization=True)
                 manifest["adapter"] = False
+            elif manifest["adapter"]:
+                # Only the adapter (and trained added-token rows): never a copy of the base embedding.
+                base.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
             else:
                 base.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             added = self.manifest.get("added_tokens") or []
