@@ -187,3 +187,55 @@ def test_bad_data_line_names_file_and_line(tmp_path, model_dir, capsys):
     err = capsys.readouterr().err
     assert "a.jsonl:25" in err and "pos" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, model_dir, monkeypatch, caplog):
+    from denselm.model.encoder import BiEncoderModel
+
+    original = BiEncoderModel.compute_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *a, **k):
+        loss, scores, metrics = original(self, *a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), scores, metrics
+
+    monkeypatch.setattr(BiEncoderModel, "compute_loss", sometimes_nan)
+    cfg = write_config(tmp_path, model_dir)
+    assert cli_main(["train", str(cfg)]) == 3
+    assert "loss is nan at step 3" in caplog.text
+    out = tmp_path / "out"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    assert (out / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
+    assert not (out / "model").exists()
+
+
+def _fruit_beir(folder: Path, n: int = 24) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": f"apple p{i}"}) + "\n")
+    with open(folder / "queries.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"_id": f"q{i}", "text": f"apple q{i}"}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(n)))
+    return folder
+
+
+def test_evaluation_during_training_keeps_best(tmp_path, model_dir):
+    beir = _fruit_beir(tmp_path / "beir")
+    cfg = write_config(tmp_path, model_dir, eval={"data": str(beir), "every": 2, "metric": "mrr@10"})
+    assert cli_main(["train", str(cfg)]) == 0
+    log = read_log(tmp_path / "out")
+    assert "eval/mrr@10" in log[2] and "eval/ndcg@10" in log[4] and "eval/mrr@10" not in log[1]
+    best_step = max((2, 4), key=lambda s: log[s]["eval/mrr@10"])
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state["best"]["step"] == best_step
+    assert (tmp_path / "out" / "best" / "denselm.json").exists()
+    # the best checkpoint survives pruning (keep_last=1)
+    cfg2 = write_config(tmp_path / "k", model_dir, eval={"data": str(beir), "every": 1, "metric": "mrr@10"},
+                        train={"keep_last": 1, "save_every": 1, "output_dir": str(tmp_path / "k" / "out")})
+    assert cli_main(["train", str(cfg2)]) == 0
+    state = json.loads((tmp_path / "k" / "out" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    kept = sorted(p.name for p in (tmp_path / "k" / "out" / "checkpoints").iterdir())
+    assert f"step-{state['best']['step']:07d}" in kept and "step-0000004" in kept and len(kept) <= 2
