@@ -37,6 +37,8 @@ class LoraConfig:
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Modules to adapt; "all-linear" = every linear layer of attention and MLP."""
+    top_layers: int | None = None
+    """Adapt only the last N transformer layers: backward then stops below them (cheaper steps)."""
 
     def __post_init__(self):
         if self.r < 1:

@@ -64,7 +64,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         trainable_token_ids = tokenizer.convert_tokens_to_ids(added_tokens)
     if cfg.model.lora.enabled:
         backbone = apply_lora(backbone, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout,
-                              cfg.model.lora.target_modules, trainable_token_ids)
+                              cfg.model.lora.target_modules, trainable_token_ids, cfg.model.lora.top_layers)
     n_trainable = trainable_to_fp32(backbone)
     n_total = sum(p.numel() for p in backbone.parameters())
     logger.info("model: %s, %d layers, %.1fM parameters, %.2fM trainable (float32)", cfg.model.name_or_path,

@@ -25,6 +25,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the transformer layers of {type(base).__name__}")
 
 
+def layer_attribute(model: nn.Module) -> str:
+    """Name of the block list ("layers" for Llama/Qwen/Mistral/Gemma, "h" for GPT-2)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for attr in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, attr, None), nn.ModuleList):
+            return attr
+    return "layers"
+
+
 def truncate_layers(model: nn.Module, num_layers: int) -> nn.Module:
     """Keep the first ``num_layers`` blocks (and fix the config so save/load agree)."""
     layers = decoder_layers(model)
@@ -53,12 +62,24 @@ def load_backbone(
     return model
 
 
-def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules, trainable_token_ids=None) -> nn.Module:
+def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules, trainable_token_ids=None,
+               top_layers: int | None = None) -> nn.Module:
     """Wrap with peft LoRA; freeze the rest.  ``trainable_token_ids``: rows of the input
-    embedding (added tokens) that train too (peft's trainable_token_indices)."""
+    embedding (added tokens) that train too (peft's trainable_token_indices).
+    ``top_layers``: adapt only the last N blocks, so backward never enters the ones below."""
     from peft import LoraConfig, get_peft_model
 
     kwargs = {}
+    if top_layers is not None:
+        n = len(decoder_layers(model))
+        if not 1 <= top_layers <= n:
+            raise ValueError(f"model.lora.top_layers must be between 1 and {n}, got {top_layers}")
+        kwargs["layers_to_transform"] = list(range(n - top_layers, n))
+        kwargs["layers_pattern"] = layer_attribute(model)
+        if isinstance(target_modules, str) and target_modules == "all-linear":
+            # peft wants explicit names with layers_to_transform: every linear inside the blocks.
+            target_modules = sorted({name.rsplit(".", 1)[-1] for name, mod in decoder_layers(model).named_modules()
+                                     if isinstance(mod, nn.Linear)})
     if trainable_token_ids:
         kwargs["trainable_token_indices"] = {"embed_tokens": list(trainable_token_ids)}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, **kwargs)
