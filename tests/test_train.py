@@ -239,3 +239,29 @@ def test_evaluation_during_training_keeps_best(tmp_path, model_dir):
     state = json.loads((tmp_path / "k" / "out" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
     kept = sorted(p.name for p in (tmp_path / "k" / "out" / "checkpoints").iterdir())
     assert f"step-{state['best']['step']:07d}" in kept and "step-0000004" in kept and len(kept) <= 2
+
+
+def test_bf16_autocast_keeps_trainables_and_optimizer_fp32(tmp_path, model_dir):
+    """bf16 frozen weights + bf16 autocast: LoRA weights and AdamW state stay float32, loss finite."""
+    cfg = write_config(tmp_path, model_dir, model={"name_or_path": str(model_dir), "dtype": "bfloat16",
+                                                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                       train={"precision": "bf16", "max_steps": 2, "save_every": 2})
+    assert cli_main(["train", str(cfg)]) == 0
+    ck = tmp_path / "out" / "checkpoints" / "step-0000002"
+    trained = load_file(ck / "trainable.safetensors")
+    assert trained and all(t.dtype == torch.float32 for t in trained.values())
+    opt = torch.load(ck / "optimizer.pt", weights_only=True)
+    states = [s for s in opt["state"].values()]
+    assert states and all(s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in states)
+    log = read_log(tmp_path / "out")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_on_gpu(tmp_path, model_dir):
+    cfg = write_config(tmp_path, model_dir, model={"name_or_path": str(model_dir), "dtype": "bfloat16"},
+                       train={"precision": "bf16", "device": "cuda", "max_steps": 2, "save_every": 2})
+    assert cli_main(["train", str(cfg)]) == 0
+    trained = load_file(tmp_path / "out" / "checkpoints" / "step-0000002" / "trainable.safetensors")
+    assert all(t.dtype == torch.float32 for t in trained.values())
