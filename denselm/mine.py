@@ -1,0 +1,338 @@
+"""`denselm mine`: hard negatives from a model's (or BM25's) ranking, with false-negative control.
+
+    denselm mine --model out/model --input train.jsonl --output mined.jsonl --range 10-100 --num-negatives 15
+    denselm mine --model bm25 --input train.jsonl --output mined.jsonl --corpus corpus.jsonl --max-positive-ratio 0.95
+
+For each training line (FlagEmbedding JSONL, see ``denselm.data.formats``):
+
+1. rank the pool, best first: by the model (query formatted with the line's ``prompt``, else
+   ``--instruction``, else the manifest's; exact inner-product search, ``denselm.search``) or by
+   BM25 (``bm25s``, the settings of ``denselm.baselines.bm25_run``: Lucene, k1 1.5, b 0.75).
+   The pool is ``--corpus`` (BEIR ``corpus.jsonl``, title + text) or, by default, every distinct
+   ``pos``/``neg`` text of the input. BM25 never ranks a document that scores 0.
+2. keep the ranking slice ``[A, B)`` of ``--range A-B`` (0-based, FlagEmbedding's
+   ``range_for_sampling``: ``10-100`` skips the top 10 and keeps the next 90), then drop the
+   line's positives and the query itself (by exact text).
+3. ``--max-positive-ratio r``: drop candidates scoring above ``r`` times the line's lowest
+   positive score (likely unlabelled positives; NV-Retriever's "TopK-PercPos"). Needs the
+   positive's score: with BM25 and ``--corpus``, a positive absent from the corpus has none, and
+   a positive scoring <= 0 gives no usable threshold; those lines skip the filter (counted).
+4. sample ``--num-negatives`` of the rest without replacement (kept in rank order),
+   deterministically from ``(--seed, line number)``. Fewer left: all of them (training repeats
+   negatives as needed). None left: the line keeps its original negatives.
+
+The output keeps every field of a line (``prompt``, ``type``, ...) and replaces ``neg``; teacher
+scores no longer match the new negatives, so ``pos_scores``/``neg_scores`` are removed (rerun
+``denselm score``). Counts are logged and written to ``OUTPUT.stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MineStats:
+    """What mining did, line by line; written beside the output."""
+
+    lines: int = 0
+    mined: int = 0
+    """Lines whose negatives were replaced."""
+    too_few_candidates: int = 0
+    """Lines with fewer candidates than --num-negatives (all of them were kept)."""
+    no_candidates: int = 0
+    """Lines with no candidate left: their original negatives were kept."""
+    positives_in_range: int = 0
+    """Candidates dropped because their text is one of the line's positives (or its query)."""
+    false_negatives_dropped: int = 0
+    """Candidates dropped by --max-positive-ratio."""
+    lines_with_false_negatives: int = 0
+    lines_without_positive_score: int = 0
+    """Lines that skipped --max-positive-ratio: no positive in the BM25 pool, or a score <= 0."""
+    teacher_scores_removed: int = 0
+    """Lines whose pos_scores/neg_scores were dropped (they described the old negatives)."""
+    mean_candidates: float = 0.0
+    """Mean candidates per line after every filter, before sampling."""
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"10-100"`` -> (10, 100): the 0-based ranking slice [10, 100)."""
+    try:
+        lo, hi = (int(x) for x in str(text).split("-"))
+    except ValueError:
+        raise ValueError(f"--range must look like 10-100 (two integers), got {text!r}") from None
+    if not 0 <= lo < hi:
+        raise ValueError(f"--range {text}: need 0 <= start < end")
+    return lo, hi
+
+
+def read_training_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line, each validated as a training example."""
+    from denselm.data.formats import DataError, parse_example
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path}: no such file")
+    out = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            parse_example(raw, f"{path}:{line_no}", needs_neg=False)  # DataError names file:line:field
+            out.append((line_no, json.loads(raw)))
+    if not out:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return out
+
+
+def pool_from_lines(lines: Sequence[tuple[int, dict]]) -> list[str]:
+    """Every distinct pos/neg text, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for _, obj in lines:
+        for text in [*obj["pos"], *(obj.get("neg") or [])]:
+            seen.setdefault(text, None)
+    return list(seen)
+
+
+def select_negatives(
+    ranked: Sequence[int],
+    scores: Sequence[float],
+    pool: Sequence[str],
+    exclude: set[str],
+    lo: int,
+    hi: int,
+    num: int,
+    rng: np.random.Generator,
+    threshold: float | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """Negatives for one line from its ranking (pool indices, best first, with their scores).
+
+    Slice [lo, hi), drop texts in ``exclude`` (positives, the query), drop scores above
+    ``threshold``, sample ``num`` without replacement keeping rank order. Returns (texts, counts).
+    """
+    counts = {"excluded": 0, "false_negatives": 0}
+    candidates = []
+    for idx, score in zip(list(ranked)[lo:hi], list(scores)[lo:hi]):
+        text = pool[idx]
+        if text in exclude:
+            counts["excluded"] += 1
+        elif threshold is not None and score > threshold:
+            counts["false_negatives"] += 1
+        else:
+            candidates.append(text)
+    counts["candidates"] = len(candidates)
+    if len(candidates) > num:
+        keep = np.sort(rng.choice(len(candidates), size=num, replace=False))
+        candidates = [candidates[i] for i in keep]
+    return candidates, counts
+
+
+def _line_rng(seed: int, line_no: int) -> np.random.Generator:
+    return np.random.default_rng([seed, line_no])
+
+
+# ------------------------------------------------------------------------------------ rankers
+
+
+def dense_rankings(encoder, queries, prompts, pool, positives, depth, instruction=None, device=None):
+    """Model ranking: (indices [Q, k], scores [Q, k], lowest positive score per line [Q]).
+
+    Queries are grouped by prompt (one ``encode_queries`` call per distinct instruction).
+    """
+    from denselm.search import exact_search
+
+    pool_emb = encoder.encode_corpus(list(pool))  # (N, D)
+    q_emb = np.empty((len(queries), pool_emb.shape[1]), dtype=np.float32)
+    by_prompt: dict[str | None, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(p if p is not None else instruction, []).append(i)
+    for prompt, rows in by_prompt.items():
+        q_emb[rows] = encoder.encode_queries([queries[i] for i in rows], instruction=prompt)
+    scores, indices = exact_search(q_emb, pool_emb, depth, device=device)  # (Q, k) each
+
+    # positives' scores: reuse pool rows, encode the ones missing from the pool
+    where = {t: i for i, t in enumerate(pool)}
+    extra = sorted({t for ps in positives for t in ps if t not in where})
+    extra_emb = encoder.encode_corpus(extra) if extra else np.zeros((0, pool_emb.shape[1]), np.float32)
+    extra_at = {t: i for i, t in enumerate(extra)}
+    pos_min = np.empty(len(queries), dtype=np.float64)
+    for i, ps in enumerate(positives):
+        vecs = np.stack([pool_emb[where[t]] if t in where else extra_emb[extra_at[t]] for t in ps])  # (P, D)
+        pos_min[i] = float((vecs.astype(np.float32) @ q_emb[i]).min())
+    return indices, scores, pos_min
+
+
+def bm25_rankings(queries, pool, positives, depth, k1: float = 1.5, b: float = 0.75):
+    """BM25 ranking (documents scoring 0 left out; index -1 pads): indices, scores, lowest positive score.
+
+    A positive absent from the pool has no score (NaN).
+    """
+    try:
+        import bm25s
+    except ImportError:
+        raise ValueError("--model bm25 needs the bm25s package: pip install bm25s") from None
+
+    from denselm.baselines import bm25_tokenize
+
+    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
+    retriever.index(bm25_tokenize(pool), show_progress=False)
+    where = {t: i for i, t in enumerate(pool)}
+    k = min(depth, len(pool))
+    indices = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    pos_min = np.full(len(queries), np.nan)
+    for i, tokens in enumerate(bm25_tokenize(queries)):
+        full = np.asarray(retriever.get_scores_from_ids(retriever.get_tokens_ids(tokens)), dtype=np.float32)  # (N,)
+        top = np.argpartition(-full, k - 1)[:k] if k < len(full) else np.arange(len(full))
+        top = top[np.lexsort((top, -full[top]))]  # score descending, then lower index
+        top = top[full[top] > 0]
+        indices[i, : len(top)], scores[i, : len(top)] = top, full[top]
+        known = [where[t] for t in positives[i] if t in where]
+        if len(known) == len(positives[i]):
+            pos_min[i] = float(full[known].min())
+    return indices, scores, pos_min
+
+
+# ------------------------------------------------------------------------------------ mining
+
+
+def mine_lines(
+    lines: Sequence[tuple[int, dict]],
+    pool: Sequence[str],
+    indices: np.ndarray,
+    scores: np.ndarray,
+    pos_min: np.ndarray,
+    lo: int,
+    hi: int,
+    num_negatives: int,
+    seed: int = 42,
+    max_positive_ratio: float | None = None,
+) -> tuple[list[dict], MineStats]:
+    """New training objects from each line's ranking; pure given the rankings."""
+    stats = MineStats(lines=len(lines))
+    out, total_candidates = [], 0
+    for row, (line_no, obj) in enumerate(lines):
+        threshold = None
+        if max_positive_ratio is not None:
+            p = pos_min[row]
+            if np.isfinite(p) and p > 0:
+                threshold = max_positive_ratio * p
+            else:
+                stats.lines_without_positive_score += 1
+        valid = indices[row] >= 0
+        negs, counts = select_negatives(
+            indices[row][valid], scores[row][valid], pool, set(obj["pos"]) | {obj["query"]},
+            lo, hi, num_negatives, _line_rng(seed, line_no), threshold,
+        )
+        stats.positives_in_range += counts["excluded"]
+        stats.false_negatives_dropped += counts["false_negatives"]
+        stats.lines_with_false_negatives += counts["false_negatives"] > 0
+        total_candidates += counts["candidates"]
+        new = dict(obj)
+        if not negs:
+            stats.no_candidates += 1
+        else:
+            stats.mined += 1
+            stats.too_few_candidates += len(negs) < num_negatives
+            new["neg"] = negs
+            if "pos_scores" in new or "neg_scores" in new:
+                new.pop("pos_scores", None)
+                new.pop("neg_scores", None)
+                stats.teacher_scores_removed += 1
+        out.append(new)
+    stats.mean_candidates = total_candidates / max(len(lines), 1)
+    return out, stats
+
+
+def write_jsonl_atomic(path: str | os.PathLike, objects: Sequence[dict]) -> None:
+    """One JSON object a line, via a temp file + rename: never a half-written output."""
+    from denselm.search import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser) -> None:
+    from denselm.encode import add_encoder_arguments
+
+    parser.add_argument("--model", required=True, help="denselm model folder (or plain folder + --preset), or 'bm25'")
+    parser.add_argument("--input", required=True, help="training JSONL (query, pos, neg, ...)")
+    parser.add_argument("--output", required=True, help="training JSONL to write (neg replaced)")
+    parser.add_argument("--corpus", default=None,
+                        help="BEIR corpus.jsonl to draw negatives from (default: every pos/neg text of --input)")
+    parser.add_argument("--range", default="10-100",
+                        help="ranking slice A-B to sample from, 0-based [A, B) (default 10-100)")
+    parser.add_argument("--num-negatives", type=int, default=15, help="negatives per line (default 15)")
+    parser.add_argument("--max-positive-ratio", type=float, default=None,
+                        help="drop candidates scoring above this fraction of the positive's score (e.g. 0.95)")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    parser.add_argument("--instruction", default=None,
+                        help="query instruction for lines without 'prompt' (default: the model's manifest)")
+    add_encoder_arguments(parser)
+
+
+def run(args) -> int:
+    from denselm.beir import read_corpus
+    from denselm.cli import CliError
+
+    try:
+        lo, hi = parse_range(args.range)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if args.num_negatives < 1:
+        raise CliError(f"--num-negatives must be >= 1, got {args.num_negatives}")
+    if args.max_positive_ratio is not None and not args.max_positive_ratio > 0:
+        raise CliError(f"--max-positive-ratio must be > 0, got {args.max_positive_ratio}")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise CliError("--output must differ from --input")
+    lines = read_training_lines(args.input)
+    pool = list(dict.fromkeys(read_corpus(args.corpus)[1])) if args.corpus else pool_from_lines(lines)
+    queries = [obj["query"] for _, obj in lines]
+    positives = [list(obj["pos"]) for _, obj in lines]
+    logger.info("mining %d lines over a pool of %d texts with %s, range [%d, %d)", len(lines), len(pool), args.model, lo, hi)
+
+    if args.model == "bm25":
+        indices, scores, pos_min = bm25_rankings(queries, pool, positives, hi)
+    else:
+        from denselm.encode import load_encoder_from_args
+
+        encoder = load_encoder_from_args(args)
+        encoder.show_progress = True
+        prompts = [obj.get("prompt") for _, obj in lines]
+        indices, scores, pos_min = dense_rankings(encoder, queries, prompts, pool, positives, hi,
+                                                  args.instruction, args.device)
+    out, stats = mine_lines(lines, pool, indices, scores, pos_min, lo, hi, args.num_negatives,
+                            args.seed, args.max_positive_ratio)
+    write_jsonl_atomic(args.output, out)
+    stats_path = Path(str(args.output) + ".stats.json")
+    from denselm.search import atomic_write_text
+
+    atomic_write_text(stats_path, json.dumps({"model": str(args.model), "range": [lo, hi],
+                                              "num_negatives": args.num_negatives,
+                                              "max_positive_ratio": args.max_positive_ratio,
+                                              "seed": args.seed, **asdict(stats)}, indent=2) + "\n")
+    logger.info(
+        "wrote %s: %d of %d lines mined; %d with fewer than %d candidates; %d with none (kept their negatives); "
+        "%d positives found in range; %d likely false negatives dropped in %d lines; %d lines without a "
+        "positive score for the ratio filter; %d lines lost their teacher scores",
+        args.output, stats.mined, stats.lines, stats.too_few_candidates, args.num_negatives, stats.no_candidates,
+        stats.positives_in_range, stats.false_negatives_dropped, stats.lines_with_false_negatives,
+        stats.lines_without_positive_score, stats.teacher_scores_removed,
+    )
+    if stats.no_candidates:
+        logger.warning("%d lines got no candidate in --range %s; widen the range or the pool", stats.no_candidates, args.range)
+    return 0
