@@ -225,6 +225,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ignore-identical-ids", action="store_true",
                         help="drop hits whose document id equals the query id (BEIR's ArguAna/Quora rule)")
     parser.add_argument("--device", default=None, help="device for encoding and search (default: cuda if available)")
+    parser.add_argument("--preset", default=None,
+                        help="template preset for a plain transformers embedder without a denselm manifest "
+                             "(bge-en-icl, e5-mistral, qwen3-embedding, plain)")
     parser.add_argument("--output", default=None, help="metrics JSON to write")
     parser.add_argument("--per-query", action="store_true", help="also write per-query metrics into --output")
     parser.add_argument("--run-output", default=None, help="also write the retrieved run as a TREC file")
@@ -245,7 +248,7 @@ def run(args) -> int:
 
     from denselm.inference import load_encoder  # imported lazily: it pulls in transformers
 
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, preset=args.preset)
     batch = {} if args.batch_size is None else {"batch_size": args.batch_size}
     run_ = retrieve(
         lambda texts: encoder.encode_queries(texts, instruction=args.query_instruction, **batch),

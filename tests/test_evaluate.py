@@ -186,7 +186,7 @@ def fake_inference(monkeypatch):
     """Install a fake denselm.inference whose load_encoder returns a BagOfWords."""
     encoders = []
 
-    def load_encoder(model_dir, device=None):
+    def load_encoder(model_dir, device=None, preset=None):
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"{model_dir}: no model folder")
         encoders.append(BagOfWords())
