@@ -377,8 +377,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 raise ConfigError(f"eval.metric {cfg.eval.metric!r} is not one of {sorted(metrics)}")
             if best is None or value > best["value"]:
                 best = {"step": step, "value": value, "metric": cfg.eval.metric}
-                if dist_info.is_main:
-                    model_for_save(model).save(output_dir / "best")
+                save_model(model, cfg, output_dir / "best")
             model.train()
         if step % cfg.train.log_every == 0 or step == total_steps:
             log.write(record)
@@ -394,18 +393,27 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     if progress is not None:
         progress.close()
     final = output_dir / "model"
-    full_state = None
-    if world > 1 and cfg.train.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full_state = get_model_state_dict(model.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_model(model, cfg, final)
+    if cfg.train.merge_lora and cfg.model.lora.enabled:
+        save_model(model, cfg, output_dir / "model-merged", merge_lora=True)
     if dist_info.is_main:
-        model_for_save(model).save(final, state_dict=full_state)
-        if cfg.train.merge_lora and cfg.model.lora.enabled:
-            model_for_save(model).save(output_dir / "model-merged", merge_lora=True)
         logger.info("saved %s%s", final, f" (best {best['metric']} {best['value']:.4f} at step {best['step']})" if best else "")
     distributed.barrier()
     return final
+
+
+def save_model(model: BiEncoderModel, cfg: Config, path: Path, merge_lora: bool = False) -> None:
+    """Rank 0 writes the model folder; under FSDP every rank first helps gather the full weights."""
+    full_state = None
+    if distributed.info().world_size > 1 and cfg.train.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(model.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if merge_lora:
+            raise ConfigError("train.merge_lora is not supported with train.strategy fsdp; run denselm export afterwards")
+    if distributed.info().is_main:
+        model_for_save(model).save(path, state_dict=full_state, merge_lora=merge_lora)
+    distributed.barrier()
 
 
 def model_for_save(model: BiEncoderModel) -> BiEncoderModel:

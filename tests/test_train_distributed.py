@@ -33,7 +33,7 @@ def model_dir64(tmp_path_factory):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tmp_path, model_dir64, strategy):
+def test_two_processes_equal_one(tmp_path, model_dir64, strategy, record_property):
     # from_zero positions: each rank pads its own slice to its own length, and the seed's
     # end-aligned positions would move by that padding (RoPE tables in float32: ~1e-9 here).
     model = {"name_or_path": str(model_dir64), "dtype": "float64", "position_ids": "from_zero",
@@ -50,6 +50,7 @@ def test_two_processes_equal_one(tmp_path, model_dir64, strategy):
     two = load_file(tmp_path / "two" / "out" / "checkpoints" / "step-0000002" / "trainable.safetensors")
     assert set(one) == set(two)
     # The 2-rank update (cross-device negatives, DDP or FSDP2) equals one process with the whole batch.
+    record_property(f"{strategy}_vs_single_rel_err", _max_rel(two, one))
     assert _max_rel(two, one) <= 1e-10
     # The saved final model is rank 0's weights, in full (FSDP gathers them).
     saved = load_file(tmp_path / "two" / "out" / "model" / "adapter_model.safetensors")
