@@ -135,7 +135,7 @@ def test_empty_file_and_discovery(tmp_path):
     with pytest.raises(DataError, match=r"missing.jsonl: no such file or folder \(data.train_data\)"):
         discover_files([str(tmp_path / "missing.jsonl")])
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(DataError, match=r"nothing: folder has no \*.jsonl files"):
+    with pytest.raises(DataError, match=r"nothing: folder has no \*\.jsonl or \*\.jsonl\.gz files"):
         discover_files([str(tmp_path / "nothing")])
     with pytest.raises(DataError, match=r"listed twice"):
         discover_files([str(single), str(single)])
@@ -179,3 +179,25 @@ def test_config_errors_name_the_field(kwargs, message):
 def test_config_accepts_single_path_and_resolves_budget():
     cfg = DataConfig(train_data="x.jsonl", query_max_len=100)
     assert cfg.train_data == ["x.jsonl"] and cfg.resolved_icl_token_budget == 50
+
+
+def test_gzipped_file_is_indexed_and_errors_name_the_gz(tmp_path, monkeypatch):
+    import gzip
+    import json as _json
+
+    from denselm.data.formats import JsonlFile, discover_files, index_file
+
+    monkeypatch.setenv("DENSELM_CACHE", str(tmp_path / "cache"))
+    rows = [{"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i}"]} for i in range(3)]
+    gz = tmp_path / "d" / "a.jsonl.gz"
+    gz.parent.mkdir()
+    with gzip.open(gz, "wt") as f:
+        f.write("".join(_json.dumps(r) + "\n" for r in rows))
+    assert [f for f, _ in discover_files([str(tmp_path / "d")])] == [str(gz)]
+    index = index_file(gz, group_size=2)
+    assert len(index) == 3 and JsonlFile(index).read(2).query == "q2"
+    bad = tmp_path / "d" / "b.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write(_json.dumps(rows[0]) + "\n" + '{"query": 1, "pos": ["x"], "neg": ["y"]}\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl\.gz:2"):
+        index_file(bad, group_size=2)

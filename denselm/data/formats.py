@@ -212,6 +212,10 @@ def index_file(
     makes a line without "prompt" an error.  Blank lines are skipped.
     """
     path = str(path)
+    display = path
+    if path.endswith(".gz"):
+        # Byte offsets need a seekable file: decompress once into the cache; messages keep the .gz name.
+        path = str(decompressed_copy(path))
     offsets = array("q")
     num_neg = array("i")
     num_with_scores = 0
@@ -225,7 +229,7 @@ def index_file(
             position += len(raw)
             if not raw.strip():
                 continue
-            where = f"{path}:{line_no}"
+            where = f"{display}:{line_no}"
             if file_type is None:  # the first line's type decides whether negatives are needed
                 ex = parse_example(raw, where, needs_neg=False)
                 file_type, first_line = ex.type, line_no
@@ -290,6 +294,32 @@ class JsonlFile:
         return parse_example(raw, f"{self.index.path}:example {i}", needs_neg=False)
 
 
+def decompressed_copy(path: str | os.PathLike) -> Path:
+    """A plain copy of a gzipped JSONL file in ``$DENSELM_CACHE`` (default ~/.cache/denselm),
+    keyed by the file's path, size and mtime; written atomically and reused."""
+    import gzip
+    import hashlib
+    import shutil
+    import tempfile
+
+    src = Path(path).resolve()
+    st = src.stat()
+    key = hashlib.sha1(f"{src}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DENSELM_CACHE", Path.home() / ".cache" / "denselm")) / "jsonl"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"{src.name[:-3]}.{key}"
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
+        try:
+            with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return target
+
+
 def discover_files(paths: list[str]) -> list[tuple[str, str]]:
     """(file, the train_data entry it came from) for every dataset file, in a stable order."""
     found: list[tuple[str, str]] = []
@@ -298,9 +328,9 @@ def discover_files(paths: list[str]) -> list[tuple[str, str]]:
         if p.is_file():
             found.append((str(p), entry))
         elif p.is_dir():
-            files = sorted(str(f) for f in p.rglob("*.jsonl") if f.is_file())
+            files = sorted(str(f) for pattern in ("*.jsonl", "*.jsonl.gz") for f in p.rglob(pattern) if f.is_file())
             if not files:
-                raise DataError(f"{entry}: folder has no *.jsonl files (data.train_data)")
+                raise DataError(f"{entry}: folder has no *.jsonl or *.jsonl.gz files (data.train_data)")
             found.extend((f, entry) for f in files)
         else:
             raise DataError(f"{entry}: no such file or folder (data.train_data)")
