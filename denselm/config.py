@@ -67,6 +67,8 @@ class ModelConfig:
     """Keep only the first N transformer layers (a cheaper, often as good retriever)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant)."""
+    packing: bool = False
+    """Padding-free batches: sequences packed into rows, attention never crosses them (implies from_zero positions)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
 

@@ -95,6 +95,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         grad_cache_chunk_size=cfg.loss.grad_cache_chunk_size,
         grad_cache_max_tokens=cfg.loss.grad_cache_max_tokens,
         position_ids=cfg.model.position_ids,
+        packing=cfg.model.packing,
         manifest=manifest,
     )
     if cfg.model.gradient_checkpointing:
@@ -249,7 +250,7 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data) -> dict[s
 
     inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
     view = BiEncoderModel(model=inner, tokenizer=model.tokenizer, normalized=model.normalized, pooling=model.pooling,
-                          position_ids=model.position_policy, manifest=model.manifest)
+                          position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
     enc = Encoder(view, batch_size=cfg.eval.batch_size, show_progress=distributed.info().is_main)
     instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
     ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
@@ -421,7 +422,7 @@ def model_for_save(model: BiEncoderModel) -> BiEncoderModel:
     if isinstance(model.model, torch.nn.parallel.DistributedDataParallel):
         return BiEncoderModel(model=model.model.module, tokenizer=model.tokenizer, normalized=model.normalized,
                               temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,
-                              position_ids=model.position_policy, manifest=model.manifest)
+                              position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
     return model
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import distributed, gradcache, losses
 from ..data.tokenize import special_tokens
+from . import packing as packing_lib
 from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class BiEncoderModel(nn.Module):
       position_ids: "end_aligned" gives each row's last real token the position a
         left-padded batch gives it (the seed's numbers, for either padding side);
         "from_zero" starts every sequence at 0 (batch-independent; packing uses it).
+      packing: padding-free encoding (see ``denselm.model.packing``): each batch (or
+        sub-batch / gradient-cache chunk) is packed into rows of at most
+        ``packing_max_tokens`` real tokens; implies ``position_ids="from_zero"``.
       manifest: extra inference settings saved by ``save`` (templates, max lengths...).
     """
 
@@ -92,6 +96,8 @@ class BiEncoderModel(nn.Module):
         grad_cache_chunk_size: int | None = None,
         grad_cache_max_tokens: int | None = None,
         position_ids: str = "end_aligned",
+        packing: bool = False,
+        packing_max_tokens: int | None = packing_lib.DEFAULT_MAX_TOKENS,
         manifest: dict | None = None,
     ):
         super().__init__()
@@ -136,7 +142,16 @@ class BiEncoderModel(nn.Module):
         self.grad_cache_max_tokens = grad_cache_max_tokens
         if grad_cache and grad_cache_chunk_size is None and grad_cache_max_tokens is None:
             self.grad_cache_chunk_size = sub_batch_size if sub_batch_size > 0 else 8
+        if packing and position_ids != "from_zero":
+            # Packed rows restart positions at 0 per sequence; record that policy so the
+            # padded path (and the manifest, hence inference) uses the same positions.
+            logger.info("packing=True: position_ids policy %r -> 'from_zero'", position_ids)
+            position_ids = "from_zero"
         self.position_policy = position_ids
+        self.packing = bool(packing)
+        self.packing_max_tokens = packing_max_tokens
+        if self.packing:
+            packing_lib.enable(model)
         self.manifest = dict(manifest or {})
         self._warned_custom_teacher = False
 
@@ -160,13 +175,17 @@ class BiEncoderModel(nn.Module):
             raise ValueError(
                 f"input_ids shape {tuple(input_ids.shape)} != attention_mask shape {tuple(attention_mask.shape)}"
             )
-        position_ids = features.get("position_ids")
-        if position_ids is None:
-            position_ids = self._position_ids(attention_mask)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
-        reps = pool(hidden, attention_mask, self.pooling)  # (B, D)
+        if self.packing:
+            # Real tokens only, positions from 0 per sequence (features' position_ids unused).
+            reps = packing_lib.encode_features(self._backbone(), features, self.pooling, self.packing_max_tokens)
+        else:
+            position_ids = features.get("position_ids")
+            if position_ids is None:
+                position_ids = self._position_ids(attention_mask)
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
+            reps = pool(hidden, attention_mask, self.pooling)  # (B, D)
         reps = reps.to(torch.promote_types(reps.dtype, torch.float32))
         if self.normalized:
             reps = F.normalize(reps, dim=-1)
@@ -390,6 +409,7 @@ class BiEncoderModel(nn.Module):
             "normalized": self.normalized,
             "temperature": self.temperature,
             "position_ids": self.position_policy,
+            "packing": self.packing,
             "eos_policy": {
                 "append_eos": True,
                 "eos_token_id": specials.eos_id if specials else None,
@@ -498,7 +518,7 @@ class BiEncoderModel(nn.Module):
             backbone = AutoModel.from_pretrained(path, **dtype_kw)
         if device is not None:
             backbone = backbone.to(device)
-        known = {"normalized", "temperature", "pooling", "position_ids"}
+        known = {"normalized", "temperature", "pooling", "position_ids", "packing"}
         kwargs = {k: manifest[k] for k in known if k in manifest}
         kwargs.update(overrides)
         extra = {k: v for k, v in manifest.items() if k not in known}

@@ -1,0 +1,62 @@
+"""The speed and memory benchmarks run end to end at a tiny size and print well-formed results.
+
+They are run by hand for real numbers (benchmarks/RESULTS.md); here only the
+plumbing is checked, plus the facts that do not depend on timing: packed
+variants have no padding, every encoder agrees with the seed's embeddings, and
+gradient caching needs less memory than a plain step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
+    assert lines
+    return lines
+
+
+@pytest.mark.timeout(300)
+def test_speed_bench_tiny():
+    lines = run_script("speed_bench.py", "--size", "tiny")
+    head = lines[0]
+    assert head["stage"] == "matmul" and head["flops_per_s_wall"] > 0 and head["dtype"] == "float32"
+    assert "4N" in head["formula"] and "2N" in head["formula"]
+    by = {(r["stage"], r["variant"]): r for r in lines if "variant" in r}
+    for variant in ("seed", "denselm", "denselm-gc"):
+        rec = by[("train", variant)]
+        assert rec["real_tokens_per_s_wall"] > 0 and 0 < rec["mfu_wall"] <= rec["hfu_wall"]
+        assert (rec["padding_fraction"] == 0.0) == (variant != "seed")
+        assert by[("memory", variant)]["peak_mb"] >= by[("memory", variant)]["before_step_mb"] > 0
+    for variant in ("seed-unsorted", "seed-sorted", "denselm-padded", "denselm"):
+        rec = by[("encode", variant)]
+        assert rec["min_cosine_vs_first"] >= 0.9999, variant  # same embeddings whatever the batching
+    assert by[("encode", "denselm")]["padding_fraction"] == 0.0
+    assert by[("encode", "seed-unsorted")]["padding_fraction"] > by[("encode", "seed-sorted")]["padding_fraction"]
+    summaries = [r for r in lines if "summary" in r]
+    assert {"denselm vs seed", "denselm vs seed-unsorted"} <= {r["summary"] for r in summaries}
+
+
+@pytest.mark.timeout(300)
+def test_memory_bench_tiny():
+    lines = run_script("memory_bench.py", "--size", "tiny")
+    by = {(r["variant"], r["queries"]): r for r in lines if "variant" in r}
+    assert set(by) == {("plain", 8), ("sub_batch", 8), ("grad_cache", 8), ("grad_cache", 16)}
+    # Same batch, same loss whatever the memory strategy.
+    assert by[("plain", 8)]["loss"] == pytest.approx(by[("grad_cache", 8)]["loss"], rel=1e-5)
+    assert by[("grad_cache", 8)]["step_mb"] < by[("plain", 8)]["step_mb"]
+    summary = lines[-1]
+    assert summary["summary"] == "grad cache vs plain" and summary["step_ratio"] < 1
