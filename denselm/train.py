@@ -43,7 +43,7 @@ class TrainingError(RuntimeError):
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    tok = AutoTokenizer.from_pretrained(str(Path(cfg.model.name_or_path).expanduser()))
     if tok.eos_token is None:
         raise ConfigError(f"model.name_or_path: the tokenizer of {cfg.model.name_or_path} has no eos_token")
     added = []
@@ -77,7 +77,8 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         "passage_prefix": cfg.data.passage_prefix,
         "added_tokens": added_tokens,
         "num_layers": cfg.model.num_layers,
-        "base_model": str(Path(cfg.model.name_or_path).resolve()) if Path(cfg.model.name_or_path).exists() else cfg.model.name_or_path,
+        "base_model": (str(Path(cfg.model.name_or_path).expanduser().resolve())
+                       if Path(cfg.model.name_or_path).expanduser().exists() else cfg.model.name_or_path),
     }
     model = BiEncoderModel(
         model=backbone,

@@ -79,3 +79,23 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 def test_load_rejects_folder_without_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a denselm model folder"):
         BiEncoderModel.load(tmp_path)
+
+
+def test_adapter_on_truncated_backbone_reloads_truncated(tmp_path):
+    """A model trained on the first N layers (model.num_layers) reloads with N layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from denselm.model.backbone import decoder_layers, truncate_layers
+
+    base_dir = tmp_path / "base"
+    tiny_backbone("llama", layers=3).save_pretrained(base_dir)
+    backbone = truncate_layers(AutoModel.from_pretrained(base_dir), 2)
+    lora = get_peft_model(backbone, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = BiEncoderModel(model=lora, tokenizer=_tokenizer(tmp_path), normalized=True, manifest={"num_layers": 2}).eval()
+    out = model.save(tmp_path / "adapter")
+    loaded = BiEncoderModel.load(out)
+    assert len(decoder_layers(loaded.model)) == 2
+    feats, _ = random_batch(3, 3, 9, seed=4)
+    with torch.no_grad():
+        assert rel_err(loaded.encode(feats), model.encode(feats)) < 1e-5

@@ -56,6 +56,10 @@ def load_backbone(
     """AutoModel (no LM head: we only need hidden states) in ``dtype``."""
     from transformers import AutoModel
 
+    from pathlib import Path
+
+    local = Path(name_or_path).expanduser()
+    name_or_path = str(local) if local.exists() else name_or_path
     model = AutoModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     if num_layers is not None:
         truncate_layers(model, num_layers)

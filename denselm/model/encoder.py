@@ -502,6 +502,11 @@ class BiEncoderModel(nn.Module):
                     "pass base_model=... (or export a merged model)"
                 )
             backbone = AutoModel.from_pretrained(base_path, **dtype_kw)
+            if manifest.get("num_layers"):
+                # Trained on the first N layers: the adapter only fits that truncated model.
+                from .backbone import truncate_layers
+
+                truncate_layers(backbone, int(manifest["num_layers"]))
             if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
                 backbone.resize_token_embeddings(len(tokenizer))
             added_file = path / ADDED_EMBEDDINGS_NAME
