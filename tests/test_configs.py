@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 def test_config_parses_and_documents_its_command(path):
     head = path.read_text().splitlines()[:3]
     assert all(line.startswith("#") for line in head[:1]), f"{path} must open with a comment"
-    command = next((line for line in head if "denselm " in line), None)
+    command = next((line for line in head if "denselm" in line), None)
     assert command, f"{path}: the opening comment must give the command that runs it"
     cfg = load_config(path)
     assert cfg.model.name_or_path
