@@ -68,6 +68,7 @@ class Encoder:
         padding_side: str = "right",
         output_dtype: str = "float32",
         show_progress: bool = False,
+        tokenize_block: int = 8192,
     ):
         m = model.manifest
         self.model = model
@@ -84,6 +85,7 @@ class Encoder:
             raise ValueError(f"output_dtype must be float32 or float16, got {output_dtype!r}")
         self.output_dtype = np.float32 if output_dtype == "float32" else np.float16
         self.show_progress = show_progress
+        self.tokenize_block = tokenize_block
 
     @property
     def device(self) -> torch.device:
@@ -162,10 +164,35 @@ class Encoder:
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, batch_size: int | None = None,
                        examples: Sequence[ICLExample] | None = None) -> np.ndarray:
-        return self.encode_ids(self.query_ids(texts, instruction, examples), batch_size, desc="queries")
+        return self._encode_blocks(lambda block: self.query_ids(block, instruction, examples), texts, batch_size, "queries")
 
     def encode_corpus(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        return self.encode_ids(self.passage_ids(texts), batch_size, desc="passages")
+        return self._encode_blocks(self.passage_ids, texts, batch_size, "passages")
+
+    def _encode_blocks(self, to_ids, texts: Sequence[str], batch_size: int | None, desc: str) -> np.ndarray:
+        """Tokenise block k + 1 in a thread while the model encodes block k.
+
+        Blocks of ``tokenize_block`` texts; each is length-sorted on its own.  The
+        Rust tokenizer releases the GIL, so the overlap is real.  Small inputs are
+        one block (no thread).
+        """
+        if len(texts) == 0:
+            raise ValueError("nothing to encode: the input is empty")
+        n = self.tokenize_block
+        if len(texts) <= n:
+            return self.encode_ids(to_ids(list(texts)), batch_size, desc=desc)
+        from concurrent.futures import ThreadPoolExecutor
+
+        blocks = [list(texts[i : i + n]) for i in range(0, len(texts), n)]
+        parts = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(to_ids, blocks[0])
+            for k in range(len(blocks)):
+                ids = pending.result()
+                if k + 1 < len(blocks):
+                    pending = pool.submit(to_ids, blocks[k + 1])
+                parts.append(self.encode_ids(ids, batch_size, desc=f"{desc} {k + 1}/{len(blocks)}"))
+        return np.concatenate(parts, axis=0)
 
 
 def _autocast(device: torch.device, param_dtype: torch.dtype):

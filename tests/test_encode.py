@@ -237,3 +237,16 @@ def test_inference_path_equals_training_path(tmp_path, arch):
             assert cos_q.min() >= 0.9999 and cos_icl >= 0.9999 and cos_p.min() >= 0.9999, (enc_side, train_side)
     # the ICL example really changed the query (the check above is not vacuous)
     assert float(np.sum(q_icl[0] * enc.encode_queries(queries[:1])[0])) < 0.999
+
+
+def test_tokenisation_overlapped_in_blocks_gives_the_same_embeddings(model_dir):
+    """Blocks tokenised in a thread while the previous block encodes: same result as one block."""
+    from denselm.inference import load_encoder
+
+    enc = load_encoder(model_dir, device="cpu", show_progress=False)
+    texts = [f"text number {i} " + "word " * (i % 13) for i in range(37)]
+    whole = enc.encode_corpus(texts)
+    queries = enc.encode_queries(texts[:11], instruction="find it")
+    enc.tokenize_block = 5  # 8 blocks, each prefetched while the one before encodes
+    np.testing.assert_allclose(enc.encode_corpus(texts), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(enc.encode_queries(texts[:11], instruction="find it"), queries, rtol=0, atol=1e-6)
