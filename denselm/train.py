@@ -28,8 +28,9 @@ from . import distributed
 from .config import Config, ConfigError, load_config
 from .data.dataset import TrainDataset, build_dataloader
 from .data.templates import add_template_tokens, get_template
+from .search import atomic_write_text
 from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
-from .model.encoder import BiEncoderModel
+from .model.encoder import BiEncoderModel, unwrap
 
 logger = logging.getLogger("denselm.train")
 ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through
@@ -123,7 +124,7 @@ def wrap_distributed(model: BiEncoderModel, cfg: Config, device: torch.device) -
 
 def trainable_state(model: BiEncoderModel, cfg: Config) -> dict[str, torch.Tensor]:
     """Full (gathered) trainable parameters by name; every rank must call it under FSDP."""
-    inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
+    inner = unwrap(model.model)
     names = [n for n, p in inner.named_parameters() if p.requires_grad]
     if distributed.info().world_size > 1 and cfg.train.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -136,7 +137,7 @@ def trainable_state(model: BiEncoderModel, cfg: Config) -> dict[str, torch.Tenso
 
 
 def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor]) -> None:
-    inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
+    inner = unwrap(model.model)
     params = dict(inner.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     if missing:
@@ -222,9 +223,7 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint: they are about to be re-run.
             kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -249,10 +248,7 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data) -> dict[s
     from .evaluate import evaluate_model
     from .inference import Encoder
 
-    inner = model.model.module if isinstance(model.model, torch.nn.parallel.DistributedDataParallel) else model.model
-    view = BiEncoderModel(model=inner, tokenizer=model.tokenizer, normalized=model.normalized, pooling=model.pooling,
-                          position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
-    enc = Encoder(view, batch_size=cfg.eval.batch_size, show_progress=distributed.info().is_main)
+    enc = Encoder(model_for_save(model), batch_size=cfg.eval.batch_size, show_progress=distributed.info().is_main)
     instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
     ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
     return evaluate_model(lambda t: enc.encode_queries(t, instruction=instruction), enc.encode_corpus, data, ks=ks)
@@ -419,7 +415,8 @@ def save_model(model: BiEncoderModel, cfg: Config, path: Path, merge_lora: bool 
 
 
 def model_for_save(model: BiEncoderModel) -> BiEncoderModel:
-    """The BiEncoderModel around the unwrapped backbone (DDP's .module)."""
+    """The BiEncoderModel around the unwrapped backbone (DDP's .module), for saving and
+    evaluating on one rank without DDP's collectives."""
     if isinstance(model.model, torch.nn.parallel.DistributedDataParallel):
         return BiEncoderModel(model=model.model.module, tokenizer=model.tokenizer, normalized=model.normalized,
                               temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,

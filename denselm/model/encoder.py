@@ -400,7 +400,7 @@ class BiEncoderModel(nn.Module):
     def settings(self) -> dict:
         """The manifest: everything inference needs to embed text the way training did."""
         specials = special_tokens(self.tokenizer) if self.tokenizer is not None else None
-        base = _unwrap(self.model)
+        base = unwrap(self.model)
         is_peft = hasattr(base, "peft_config")
         manifest = {
             "format": "denselm",
@@ -433,7 +433,7 @@ class BiEncoderModel(nn.Module):
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
         try:
-            base = _unwrap(self.model)
+            base = unwrap(self.model)
             manifest = self.settings()
             if merge_lora and hasattr(base, "merge_and_unload"):
                 import copy
@@ -532,7 +532,7 @@ class BiEncoderModel(nn.Module):
         return model
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """Strip DDP / torch.compile wrappers."""
     while True:
         if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
