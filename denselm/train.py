@@ -72,7 +72,9 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
                 len(decoder_layers(backbone)), n_total / 1e6, n_trainable / 1e6)
     manifest = {
         "template": cfg.data.template,
-        "prompt": cfg.data.prompt,
+        # Inference's default query instruction: the global one, else the one evaluation used
+        # (data with per-line prompts has no global one).
+        "prompt": cfg.data.prompt if cfg.data.prompt is not None else cfg.eval.query_instruction,
         "query_max_len": cfg.data.query_max_len,
         "passage_max_len": cfg.data.passage_max_len,
         "passage_prefix": cfg.data.passage_prefix,

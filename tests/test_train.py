@@ -269,3 +269,16 @@ def test_bf16_on_gpu(tmp_path, model_dir):
     assert cli_main(["train", str(cfg)]) == 0
     trained = load_file(tmp_path / "out" / "checkpoints" / "step-0000002" / "trainable.safetensors")
     assert all(t.dtype == torch.float32 for t in trained.values())
+
+
+def test_manifest_instruction_falls_back_to_the_evaluation_one(tmp_path, model_dir):
+    """Data with per-line prompts has no global one: inference then uses eval.query_instruction."""
+    from denselm.config import load_config
+    from denselm.train import build_model, build_tokenizer
+
+    cfg = load_config(write_config(tmp_path, model_dir, data={"prompt": None},
+                                   eval={"query_instruction": "Find the fruit"}))
+    tok, added = build_tokenizer(cfg)
+    assert build_model(cfg, tok, added).manifest["prompt"] == "Find the fruit"
+    cfg.data.prompt = "Global prompt"
+    assert build_model(cfg, tok, added).manifest["prompt"] == "Global prompt"
