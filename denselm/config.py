@@ -173,6 +173,11 @@ class TrainConfig:
     """Also log to TensorBoard when it is installed."""
     fail_at_step: int | None = None
     """Testing aid: kill the process (SIGKILL) right after this optimizer step."""
+    cache_frozen_layers: bool = False
+    """Compute the frozen layers below model.lora.top_layers once per distinct text and keep their output
+    (exact; steps after the first pass run only the adapted layers). Needs from_zero positions or packing."""
+    cache_max_gb: float = 8.0
+    """Memory the frozen-layer cache may use (on the training device); texts beyond it are recomputed."""
 
     def __post_init__(self):
         if self.per_device_batch_size < 1:
@@ -207,6 +212,19 @@ class Config:
     """The optimisation loop."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during training."""
+
+    def __post_init__(self):
+        if self.train.cache_frozen_layers:
+            if not (self.model.lora.enabled and self.model.lora.top_layers):
+                raise ConfigError("train.cache_frozen_layers needs model.lora.top_layers (the layers below "
+                                  "the adapted ones are what is cached)")
+            if not self.model.packing and self.model.position_ids != "from_zero":
+                raise ConfigError("train.cache_frozen_layers needs model.position_ids: from_zero (or model.packing: "
+                                  "true): with end_aligned a text's hidden states depend on its batch")
+            if self.train.strategy == "fsdp":
+                raise ConfigError("train.cache_frozen_layers is not supported with train.strategy: fsdp")
+            if self.train.cache_max_gb <= 0:
+                raise ConfigError(f"train.cache_max_gb must be > 0, got {self.train.cache_max_gb}")
 
     def validate_paths(self) -> None:
         if not self.model.name_or_path:

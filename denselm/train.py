@@ -104,6 +104,17 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.train.cache_frozen_layers:
+        num_frozen = len(decoder_layers(backbone)) - cfg.model.lora.top_layers
+        if num_frozen < 1:
+            raise ConfigError(f"train.cache_frozen_layers: model.lora.top_layers={cfg.model.lora.top_layers} "
+                              "adapts every layer, nothing is frozen to cache")
+        try:
+            model.enable_prefix_cache(num_frozen, int(cfg.train.cache_max_gb * 2**30))
+        except ValueError as err:
+            raise ConfigError(f"train.cache_frozen_layers: {err}") from None
+        logger.info("caching the output of the %d frozen layers per text (up to %.1f GiB)", num_frozen,
+                    cfg.train.cache_max_gb)
     return model
 
 
@@ -369,6 +380,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
                   "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
+        if model.prefix_cache is not None:
+            record.update(model.prefix_cache.stats())
         if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
             metrics = evaluate_during_training(model, cfg, eval_data)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
@@ -420,9 +433,11 @@ def model_for_save(model: BiEncoderModel) -> BiEncoderModel:
     """The BiEncoderModel around the unwrapped backbone (DDP's .module), for saving and
     evaluating on one rank without DDP's collectives."""
     if isinstance(model.model, torch.nn.parallel.DistributedDataParallel):
-        return BiEncoderModel(model=model.model.module, tokenizer=model.tokenizer, normalized=model.normalized,
+        view = BiEncoderModel(model=model.model.module, tokenizer=model.tokenizer, normalized=model.normalized,
                               temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,
                               position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
+        view.prefix_cache = model.prefix_cache  # the same frozen layers: evaluation texts are cached too
+        return view
     return model
 
 

@@ -164,10 +164,36 @@ def test_grad_cache_on_and_off_give_the_same_update(tmp_path, model_dir64, recor
     assert _max_rel(cached, plain) <= 1e-10
 
 
+def test_frozen_layer_cache_gives_the_same_training(tmp_path, model_dir64, record_property):
+    """train.cache_frozen_layers: 12 steps (past one epoch, so cached texts are read back)
+    update the adapters exactly as the whole model does."""
+    common = dict(model={"name_or_path": str(model_dir64), "dtype": "float64", "position_ids": "from_zero",
+                         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": 1}})
+    train = {"max_steps": 12, "save_every": 12, "tensorboard": False}
+
+    def final(name, **extra):
+        cfg = write_config(tmp_path / name, model_dir64, **common, train={**train, **extra,
+                                                                          "output_dir": str(tmp_path / name / "out")})
+        assert cli_main(["train", str(cfg)]) == 0
+        out = tmp_path / name / "out"
+        return load_file(out / "checkpoints" / "step-0000012" / "trainable.safetensors"), read_log(out)
+
+    plain, plain_log = final("plain")
+    cached, cached_log = final("cached", cache_frozen_layers=True)
+    record_property("frozen_cache_update_rel_err", _max_rel(cached, plain))
+    assert _max_rel(cached, plain) <= 1e-10
+    assert all(abs(cached_log[s]["loss"] - plain_log[s]["loss"]) <= 1e-10 for s in plain_log)
+    assert cached_log[12]["prefix_cache_hit_rate"] > 0.1  # the second epoch reads the cache
+    assert "prefix_cache_hit_rate" not in plain_log[12]
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         (["--train.lrr", "1"], "unknown config key 'train.lrr'"),
+        (["--train.cache_frozen_layers", "true"], "train.cache_frozen_layers needs model.lora.top_layers"),
+        (["--train.cache_frozen_layers", "true", "--model.lora.top_layers", "1"],
+         "train.cache_frozen_layers needs model.position_ids: from_zero"),
         (["--train.lr", "abc"], "train.lr must be a number"),
         (["--train.warmup_fraction", "2"], "train.warmup_fraction must be between 0 and 1"),
         (["--model.name_or_path", "/nonexistent/model"], "/nonexistent/model"),

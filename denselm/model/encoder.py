@@ -154,6 +154,21 @@ class BiEncoderModel(nn.Module):
             packing_lib.enable(model)
         self.manifest = dict(manifest or {})
         self._warned_custom_teacher = False
+        self.prefix_cache = None
+
+    def enable_prefix_cache(self, num_frozen: int, max_bytes: int = 8 << 30):
+        """Compute blocks ``0 .. num_frozen-1`` once per distinct text (see ``denselm.model.prefix_cache``).
+
+        Needs every trainable parameter above them and batch-independent positions."""
+        from .prefix_cache import FrozenPrefixCache
+
+        if self.position_policy != "from_zero":
+            raise ValueError(
+                "the frozen-prefix cache needs position_ids='from_zero' (or packing): with 'end_aligned' "
+                "a text's positions, hence its hidden states, depend on the batch it is in"
+            )
+        self.prefix_cache = FrozenPrefixCache(unwrap(self.model), num_frozen, max_bytes)
+        return self.prefix_cache
 
     # The seed's attribute name, kept for code that reads it.
     @property
@@ -175,6 +190,18 @@ class BiEncoderModel(nn.Module):
             raise ValueError(
                 f"input_ids shape {tuple(input_ids.shape)} != attention_mask shape {tuple(attention_mask.shape)}"
             )
+        serving = (self.prefix_cache.serving(features, packed=self.packing) if self.prefix_cache is not None
+                   else contextlib.nullcontext())
+        with serving:
+            reps = self._pooled(features)
+        reps = reps.to(torch.promote_types(reps.dtype, torch.float32))
+        if self.normalized:
+            reps = F.normalize(reps, dim=-1)
+        return reps.contiguous()
+
+    def _pooled(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, D) pooled hidden states, packed or padded."""
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if self.packing:
             # Real tokens only, positions from 0 per sequence (features' position_ids unused).
             reps = packing_lib.encode_features(self._backbone(), features, self.pooling, self.packing_max_tokens)
@@ -186,10 +213,7 @@ class BiEncoderModel(nn.Module):
             out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
             reps = pool(hidden, attention_mask, self.pooling)  # (B, D)
-        reps = reps.to(torch.promote_types(reps.dtype, torch.float32))
-        if self.normalized:
-            reps = F.normalize(reps, dim=-1)
-        return reps.contiguous()
+        return reps
 
     def _position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) positions.  Pad positions get 0 (never read: pads are masked as keys)."""
