@@ -86,6 +86,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert [r["step"] for r in log] == list(range(1, results["steps"] + 1))
     assert all(math.isfinite(r["loss"]) for r in log)
     assert log[-1]["eval/mrr@10"] == systems["SmolLM2 fine-tuned"]["mrr@10"]
+    # the frozen-layer cache of the recipe served the training and evaluation texts
+    assert log[-1]["prefix_cache_texts"] >= 173 * 2  # at least the evaluation texts of step 5
     assert (out / "train" / "model" / "denselm.json").exists()
     png = (out / "training.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

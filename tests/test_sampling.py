@@ -218,3 +218,11 @@ def test_step_sampler():
     assert list(s) == [(1, 2), (2, 0), (2, 1), (2, 2)] and len(s) == 4
     with pytest.raises(ValueError, match="start_step 3 out of range"):
         StepSampler(3, start_step=3)
+
+
+def test_dataset_keys_strip_compression_and_jsonl_suffixes():
+    from denselm.data.dataset import dataset_keys
+
+    assert "api" in dataset_keys("/data/api.jsonl.gz", "/data")
+    assert "api.jsonl" in dataset_keys("/data/api.jsonl.gz", "/data")
+    assert "beta" in dataset_keys("/data/beta.jsonl", "/data")

@@ -73,9 +73,18 @@ class DatasetInfo:
         return batches_per_epoch(self.plan)
 
 
+def dataset_keys(name: str, source: str) -> tuple[str, ...]:
+    """Names a per-dataset setting may use, most specific first: file path, file name, stem
+    (``api`` for ``api.jsonl.gz`` too), the train_data entry."""
+    bare = Path(name).name
+    for suffix in (".gz", ".jsonl", ".json"):
+        bare = bare.removesuffix(suffix)
+    return (name, Path(name).name, Path(name).stem, bare, source)
+
+
 def _lookup(mapping: dict, name: str, source: str, default):
     """A per-dataset setting by file path, file name, file stem or train_data entry (most specific first)."""
-    for key in (name, Path(name).name, Path(name).stem, source):
+    for key in dataset_keys(name, source):
         if key in mapping:
             return mapping[key]
     return default
@@ -106,7 +115,7 @@ class TrainDataset(Dataset):
         files = discover_files(cfg.train_data)
         for key_field, mapping in (("dataset_weights", cfg.dataset_weights), ("dataset_modes", cfg.dataset_modes)):
             for key in mapping:
-                if not any(key in (f, Path(f).name, Path(f).stem, src) for f, src in files):
+                if not any(key in dataset_keys(f, src) for f, src in files):
                     raise DataError(f"data.{key_field}[{key!r}]: matches no training file")
         self.datasets: list[DatasetInfo] = []
         for d, (name, source) in enumerate(files):
