@@ -954,6 +954,10 @@ def main(argv: list[str] | None = None) -> int:
                     "`denselm score`) into pytrain/<kind>.model-mined.jsonl.gz")
     ap.add_argument("--mine-only", action="store_true",
                     help="with --mine-with-model: mine the existing pytrain files, rebuild nothing")
+    ap.add_argument("--mine-kinds", nargs="+", default=list(KINDS), choices=list(KINDS),
+                    help="with --mine-with-model: which pytrain files to mine (default all)")
+    ap.add_argument("--mine-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                    help="with --mine-with-model: dtype the mining model runs in")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.mine_only:
@@ -1045,22 +1049,32 @@ def _mine_with_model(model: str, train_dir: Path, args) -> None:
 
     denselm = [sys.executable, "-m", "denselm.cli"]
     first, last = args.neg_ranks
+    stats_path = train_dir / "model-mined.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in KINDS:
+        for kind in args.mine_kinds:
+            started = time.perf_counter()
             plain, mined, scored = (Path(tmp) / f"{kind}{suffix}.jsonl" for suffix in ("", ".mined", ".scored"))
             with gzip.open(train_dir / f"{kind}.jsonl.gz", "rb") as f:
                 plain.write_bytes(f.read())
             # --range is 0-based [A, B): ranks FIRST..LAST (1-based) are FIRST-1..LAST-1
             subprocess.run([*denselm, "mine", "--model", model, "--input", str(plain), "--output", str(mined),
                             "--range", f"{first - 1}-{last}", "--num-negatives", str(args.num_neg),
-                            "--max-positive-ratio", "0.95", "--seed", str(args.seed)], check=True)
+                            "--max-positive-ratio", "0.95", "--seed", str(args.seed),
+                            "--dtype", args.mine_dtype], check=True)
             last_file = mined
             if not args.no_teacher:
                 subprocess.run([*denselm, "score", "--teacher", args.teacher, "--input", str(mined),
                                 "--output", str(scored)], check=True)
                 last_file = scored
             rows = [json.loads(line) for line in last_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-            write_jsonl(train_dir / f"{kind}.model-mined.jsonl.gz", rows)
+            size = write_jsonl(train_dir / f"{kind}.model-mined.jsonl.gz", rows)
+            stats[f"{kind}.model-mined.jsonl.gz"] = {
+                "model": str(model), "lines": len(rows), "bytes": size, "num_neg": args.num_neg,
+                "ranks": list(args.neg_ranks), "max_positive_ratio": 0.95, "dtype": args.mine_dtype,
+                "teacher_scores": not args.no_teacher, "seconds": round(time.perf_counter() - started, 1)}
+            stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+            logger.info("%s: %d lines mined with %s in %.0f s", kind, len(rows), model, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
