@@ -226,3 +226,13 @@ def test_dataset_keys_strip_compression_and_jsonl_suffixes():
     assert "api" in dataset_keys("/data/api.jsonl.gz", "/data")
     assert "api.jsonl" in dataset_keys("/data/api.jsonl.gz", "/data")
     assert "beta" in dataset_keys("/data/beta.jsonl", "/data")
+
+
+def test_dataset_smaller_than_a_batch_is_named_in_a_warning(tok, tmp_path, caplog):
+    write_jsonl(tmp_path / "d" / "big.jsonl", numbered_rows("big", 12, num_neg=3))
+    write_jsonl(tmp_path / "d" / "tiny.jsonl", numbered_rows("tiny", 3, num_neg=3))
+    with caplog.at_level("WARNING", logger="denselm.data.dataset"):
+        ds = TrainDataset(_cfg(tmp_path / "d", dataset_weights={"tiny": 2.0}), tok, per_device_batch_size=4)
+    assert [i.batches_per_epoch for i in ds.datasets] == [3, 0]
+    assert "tiny.jsonl: 3 examples make no complete batch of 4 queries" in caplog.text
+    assert "big.jsonl" not in caplog.text

@@ -16,6 +16,7 @@ sampler position to checkpoint is just the count of batches consumed.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ class DatasetInfo:
     @property
     def batches_per_epoch(self) -> int:
         return batches_per_epoch(self.plan)
+
+
+logger = logging.getLogger(__name__)
 
 
 def dataset_keys(name: str, source: str) -> tuple[str, ...]:
@@ -142,6 +146,13 @@ class TrainDataset(Dataset):
                 f"no complete global batch of {self.global_batch_size} queries in any dataset ({sizes}); "
                 "lower the batch size or add data (data.train_data)"
             )
+        for info in self.datasets:
+            if info.batches_per_epoch == 0 and len(info.plan.indices) > 0:
+                # Batches never mix datasets and each pass is cut separately (the seed's rule),
+                # so a dataset smaller than one batch is silently never drawn: say so.
+                logger.warning("%s: %d examples make no complete batch of %d queries; this dataset is never "
+                               "drawn (merge it into another file or lower the batch size)",
+                               info.name, len(info.plan.indices), info.batch_size)
         self.files = [JsonlFile(info.index) for info in self.datasets]
         self.epoch = 0
         self._plan: tuple[int, list] | None = None
