@@ -30,6 +30,7 @@ from torch import nn
 from .. import distributed, gradcache, losses
 from ..data.tokenize import special_tokens
 from . import packing as packing_lib
+from .pooled_only import last_mlp_only_at, pooled_positions
 from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,11 @@ class BiEncoderModel(nn.Module):
             if position_ids is None:
                 position_ids = self._position_ids(attention_mask)
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-            out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
+            positions = pooled_positions(attention_mask, self.pooling)
+            shortcut = (last_mlp_only_at(self._backbone(), positions) if positions is not None
+                        else contextlib.nullcontext())
+            with shortcut:  # no_grad encoding: the last MLP only at the pooled tokens
+                out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
             reps = pool(hidden, attention_mask, self.pooling)  # (B, D)
         return reps
