@@ -956,6 +956,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --mine-with-model: mine the existing pytrain files, rebuild nothing")
     ap.add_argument("--mine-kinds", nargs="+", default=list(KINDS), choices=list(KINDS),
                     help="with --mine-with-model: which pytrain files to mine (default all)")
+    ap.add_argument("--mine-max-positive-ratio", type=float, default=None,
+                    help="with --mine-with-model: drop candidates scoring above this fraction of the positive "
+                    "(default: off; a model trained at temperature 0.02 scores its negatives within 5%% of the "
+                    "positive, so 0.95 dropped 91%% of the candidates and left most lines unmined)")
     ap.add_argument("--mine-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                     help="with --mine-with-model: dtype the mining model runs in")
     args = ap.parse_args(argv)
@@ -1060,8 +1064,9 @@ def _mine_with_model(model: str, train_dir: Path, args) -> None:
             # --range is 0-based [A, B): ranks FIRST..LAST (1-based) are FIRST-1..LAST-1
             subprocess.run([*denselm, "mine", "--model", model, "--input", str(plain), "--output", str(mined),
                             "--range", f"{first - 1}-{last}", "--num-negatives", str(args.num_neg),
-                            "--max-positive-ratio", "0.95", "--seed", str(args.seed),
-                            "--dtype", args.mine_dtype], check=True)
+                            "--seed", str(args.seed), "--dtype", args.mine_dtype]
+                           + (["--max-positive-ratio", str(args.mine_max_positive_ratio)]
+                              if args.mine_max_positive_ratio is not None else []), check=True)
             last_file = mined
             if not args.no_teacher:
                 subprocess.run([*denselm, "score", "--teacher", args.teacher, "--input", str(mined),
@@ -1071,7 +1076,7 @@ def _mine_with_model(model: str, train_dir: Path, args) -> None:
             size = write_jsonl(train_dir / f"{kind}.model-mined.jsonl.gz", rows)
             stats[f"{kind}.model-mined.jsonl.gz"] = {
                 "model": str(model), "lines": len(rows), "bytes": size, "num_neg": args.num_neg,
-                "ranks": list(args.neg_ranks), "max_positive_ratio": 0.95, "dtype": args.mine_dtype,
+                "ranks": list(args.neg_ranks), "max_positive_ratio": args.mine_max_positive_ratio, "dtype": args.mine_dtype,
                 "teacher_scores": not args.no_teacher, "seconds": round(time.perf_counter() - started, 1)}
             stats_path.write_text(json.dumps(stats, indent=2) + "\n")
             logger.info("%s: %d lines mined with %s in %.0f s", kind, len(rows), model, time.perf_counter() - started)
