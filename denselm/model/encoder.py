@@ -212,9 +212,7 @@ class BiEncoderModel(nn.Module):
                 position_ids = self._position_ids(attention_mask)
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
             positions = pooled_positions(attention_mask, self.pooling)
-            shortcut = (last_mlp_only_at(self._backbone(), positions) if positions is not None
-                        else contextlib.nullcontext())
-            with shortcut:  # no_grad encoding: the last MLP only at the pooled tokens
+            with last_mlp_only_at(self._backbone(), positions):  # no_grad: the last MLP at pooled tokens only
                 out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
             reps = pool(hidden, attention_mask, self.pooling)  # (B, D)

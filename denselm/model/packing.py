@@ -30,7 +30,6 @@ relative positions.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
@@ -325,10 +324,8 @@ def encode_packed(backbone: nn.Module, packed: PackedBatch, pooling: str = "last
     """(N, D) pooled hidden states of one packed row."""
     from .pooled_only import last_mlp_only_at, packed_positions
 
-    positions = packed_positions(packed.cu_seqlens, packed.num_tokens, pooling)
-    shortcut = (last_mlp_only_at(backbone, positions.to(packed.input_ids.device))
-                if positions is not None else contextlib.nullcontext())
-    with shortcut:  # a no-op when gradients are enabled
+    positions = packed_positions(packed.cu_seqlens.to(packed.input_ids.device), packed.num_tokens, pooling)
+    with last_mlp_only_at(backbone, positions):  # a no-op when gradients are enabled
         hidden = forward_packed(backbone, packed)  # (1, total, D)
     return pool_packed(hidden, packed.cu_seqlens, pooling)
 

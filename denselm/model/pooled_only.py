@@ -32,13 +32,14 @@ def _last_mlp(backbone: nn.Module) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor):
+def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
     """Within the context the last block's MLP runs only where ``positions`` (b, t) bool is True.
 
-    A call whose input layout differs from ``positions`` (an unexpected architecture)
-    runs in full, so the shortcut can only ever save work, never change a pooled value.
+    ``positions`` None (pooling that reads every token) makes it a no-op.  A call whose
+    input layout differs from ``positions`` (an unexpected architecture) runs in full, so
+    the shortcut can only ever save work, never change a pooled value.
     """
-    mlp = _last_mlp(backbone)
+    mlp = _last_mlp(backbone) if positions is not None else None
     if mlp is None or torch.is_grad_enabled():
         yield
         return

@@ -73,12 +73,13 @@ class FrozenPrefixCache:
         """Every trainable parameter must live in the blocks above the cached ones."""
         frozen_ids = {id(p) for layer in self.layers[: self.num_frozen] for p in layer.parameters()}
         embeddings = self.backbone.get_input_embeddings()
+        embedding_ids = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
         for name, param in self.backbone.named_parameters():
             if not param.requires_grad:
                 continue
             if id(param) in frozen_ids:
                 raise ValueError(f"parameter {name} is trainable but lies in a cached (frozen) block")
-            if embeddings is not None and any(param is p for p in embeddings.parameters()):
+            if id(param) in embedding_ids:
                 raise ValueError(
                     f"parameter {name} (input embeddings) is trainable, so the bottom blocks are not frozen; "
                     "the frozen-prefix cache needs templates without added trainable tokens"
