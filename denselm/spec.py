@@ -91,6 +91,15 @@ class EmbeddingSpec:
         if self.num_layers is not None and (isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int)
                                             or self.num_layers < 1):
             raise UserError(f"num_layers must be an integer >= 1 or null, got {self.num_layers!r}")
+        for name in ("normalized", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise UserError(f"prompt must be a string or null, got {self.prompt!r}")
+        if not isinstance(self.passage_prefix, str):
+            raise UserError(f"passage_prefix must be a string, got {self.passage_prefix!r}")
+        if not all(isinstance(t, str) for t in self.added_tokens):
+            raise UserError(f"added_tokens must be a list of strings, got {list(self.added_tokens)!r}")
         if self.packing and self.position_ids != "from_zero":
             # Packed rows restart positions at 0 per sequence; the padded path must agree.
             object.__setattr__(self, "position_ids", "from_zero")

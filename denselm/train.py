@@ -246,7 +246,8 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data) -> dict[s
     from .inference import Encoder
 
     enc = Encoder(model_for_save(model), batch_size=cfg.eval.batch_size, show_progress=distributed.info().is_main)
-    instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
+    # eval.query_instruction, else the spec's prompt (data.prompt: see spec_from_config)
+    instruction = cfg.eval.query_instruction
     ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
     return evaluate_model(lambda t: enc.encode_queries(t, instruction=instruction), enc.encode_corpus, data, ks=ks)
 

@@ -568,7 +568,12 @@ class BiEncoderModel(nn.Module):
         device: str | torch.device | None = None,
         **overrides,
     ) -> "BiEncoderModel":
-        """Load a folder written by ``save`` (adapter or full weights) for encoding."""
+        """Load a folder written by ``save`` (adapter or full weights, any ``denselm.json`` version) for encoding.
+
+        ``base_model``: the base of a LoRA adapter (a folder or hub id), instead of the one recorded
+        (``denselm.spec.resolve_base_model``); a missing base raises ``BaseModelNotFound`` naming
+        ``--base-model`` and the recorded value.  ``overrides``: constructor arguments (e.g. ``normalized``).
+        """
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path)
