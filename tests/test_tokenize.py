@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,3 +410,95 @@ def test_fifty_megabytes_in_under_a_second_and_100_mb(fixture, kind):
         assert r["ids"] == whole_path(tok, [chunk(kind)], max_len)[0], max_len
         assert r["seconds"] < 1.0, r
         assert r["rss_mb"] < 100, r
+
+
+# ----------------------------------------------------------------------------- callers: train collation, inference
+
+BIG = 5 * 2**20  # characters
+
+
+def _collate(tok, query_text, passages, spec="normal", **cfg):
+    from denselm.data.collate import Group, collate_groups
+    from denselm.data.config import DataConfig
+    from denselm.data.formats import TASK_TYPES
+
+    base = dict(train_data=["unused.jsonl"], prompt="Given a query", group_size=len(passages), num_workers=0,
+                query_max_len=48, passage_max_len=40, template="bge-icl")
+    groups = [Group(query_text, None, list(passages), None, passages[0]),
+              Group("a short query", None, ["short positive"] + ["short negative"] * (len(passages) - 1), None, "x")]
+    if cfg.get("icl_max_examples"):
+        groups[1].examples = [0]  # the huge pair is the short query's in-context example
+    base.update(cfg)
+    return collate_groups(groups, tok, DataConfig(**base), TASK_TYPES[spec], TASK_TYPES[spec].mode, "d.jsonl")
+
+
+def _whole_text_budget(monkeypatch):
+    """Make bounded_ids tokenize every text whole: the old path, for reference."""
+    import denselm.data.tokenize as tokenize
+
+    monkeypatch.setattr(tokenize, "char_budget", lambda tokenizer, keep: 2**62)
+
+
+@pytest.mark.parametrize("spec", ["normal", "symmetric_sts"])
+def test_collation_of_a_five_megabyte_text_tokenizes_a_bounded_prefix(spec):
+    """Train collation (queries with template and suffix, passages, ICL examples) never hands the tokenizer a huge text."""
+    calls: list = []
+    tok = spy_tokenizer("smollm2", calls)
+    texts = [chunk(k) * (BIG // len(chunk(k))) for k in KINDS]  # 5 MiB-ish each, no spaces
+    icl = dict(icl_max_examples=1, query_max_len=320, icl_token_budget=250) if spec == "normal" else {}
+    t0 = time.perf_counter()
+    batch = _collate(tok, texts[0], texts[1:], spec, **icl)
+    seconds = time.perf_counter() - t0
+    longest_call = max(n for c in calls for n in c)
+    assert longest_call < 50_000, longest_call  # budget for 48 tokens is 81 * 64 characters (a few doublings at most)
+    assert seconds < 2.0, seconds  # the whole-text path: about 15 s per 5 MB text on this machine
+    sp = special_tokens(tok)
+    suffix = tok("\nResponse:", add_special_tokens=False)["input_ids"]
+    rows = real_rows(batch.query)
+    assert len(rows[0]) == (320 if icl else 48) and rows[0][-1] == sp.eos_id and rows[0][-1 - len(suffix) : -1] == suffix  # suffix kept
+    assert batch.num_truncated_queries == 1 and batch.num_truncated_passages == 2
+    if spec == "normal":
+        assert batch.num_icl_examples == 1
+        assert tok.decode(rows[1]).startswith("Instruct: Given a query\nQuery: " + texts[0][:10])
+
+
+@pytest.mark.parametrize("spec", ["normal", "symmetric_sts"])
+def test_collation_equals_the_whole_text_path(spec, monkeypatch):
+    """Same tensors as tokenizing every text whole (texts of 12k+ characters: twice the budget and more)."""
+    tok = fixture_tokenizer("smollm2")
+    texts = [chunk(k)[:12_000] for k in KINDS] + [" ".join(chunk(k)[:5_000] for k in KINDS)]
+    icl = dict(icl_max_examples=1, query_max_len=320, icl_token_budget=250) if spec == "normal" else {}
+    bounded = [_collate(tok, q, texts[:3], spec, **icl) for q in texts]
+    _whole_text_budget(monkeypatch)
+    whole = [_collate(tok, q, texts[:3], spec, **icl) for q in texts]
+    for b, w in zip(bounded, whole):
+        for part in ("query", "passage"):
+            for key in ("input_ids", "attention_mask"):
+                assert torch.equal(getattr(b, part)[key], getattr(w, part)[key]), (part, key)
+        assert b.stats() == w.stats()
+
+
+def test_inference_encoder_tokenizes_a_bounded_prefix(monkeypatch):
+    """encode, evaluate and mine all build ids through Encoder.query_ids / passage_ids."""
+    from types import SimpleNamespace
+
+    from denselm.inference import Encoder
+
+    calls: list = []
+    tok = spy_tokenizer("smollm2", calls)
+    manifest = {"template": "bge-icl", "prompt": "Given a query", "query_max_len": 48, "passage_max_len": 40}
+    enc = Encoder(SimpleNamespace(manifest=manifest), tokenizer=tok)
+    texts = [chunk(k) * (BIG // len(chunk(k))) for k in KINDS]
+    t0 = time.perf_counter()
+    q_ids, p_ids = enc.query_ids(texts), enc.passage_ids(texts)
+    assert time.perf_counter() - t0 < 2.0
+    assert max(n for c in calls for n in c) < 50_000
+    # queries: up to 48 (decoding the cut and re-tokenizing may merge one token fewer in), suffix and EOS last
+    suffix = tok("\nResponse:", add_special_tokens=False)["input_ids"]
+    assert all(46 <= len(x) <= 48 and x[-1 - len(suffix):] == [*suffix, special_tokens(tok).eos_id] for x in q_ids)
+    assert [len(x) for x in p_ids] == [40] * 3
+    # equal to the whole-text path on texts it can afford
+    small = [t[:20_000] for t in texts]
+    bounded = (enc.query_ids(small), enc.passage_ids(small))
+    _whole_text_budget(monkeypatch)
+    assert (enc.query_ids(small), enc.passage_ids(small)) == bounded

@@ -12,6 +12,7 @@ text, then cut.  The texts have no spaces: one pre-token for byte-level BPE.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import random
@@ -26,6 +27,7 @@ KINDS = ("word", "cjk", "emoji")
 CHUNK_BYTES = 1 << 20
 
 
+@functools.lru_cache(maxsize=None)
 def chunk(kind: str, seed: int = 0) -> str:
     """About 1 MiB (UTF-8) of random text of one kind, without spaces."""
     rng = random.Random(seed)
