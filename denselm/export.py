@@ -3,44 +3,43 @@
     denselm export --model out/model --output out/merged --format merged
     denselm export --model out/model --output out/st --format sentence-transformers
 
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer   # >= 6.3
     st = SentenceTransformer("out/st")
-    q = st.encode(queries, prompt_name="query")       # (or st.encode_query(queries) on ST >= 5)
-    d = st.encode(passages, prompt_name="document")
+    q = st.encode_query(queries)       # template, instruction, suffix, query max length, EOS: as denselm
+    d = st.encode_document(passages)   # passage prefix, passage max length, EOS
 
 ``merged``: the adapter folded into the base weights (``BiEncoderModel.save(merge_lora=True)``):
 ``config.json`` + ``model.safetensors`` + tokenizer, loadable by ``AutoModel`` and by denselm
 (its ``denselm.json`` is kept).
 
-``sentence-transformers``: the merged folder plus ``modules.json`` (Transformer -> Pooling
-``lasttoken`` (or mean/cls, as trained) -> Normalize when the model normalises),
-``config_sentence_transformers.json`` (prompts ``query`` = the template's text before the query
-with the instruction filled in, ``document`` = the passage prefix; cosine or dot similarity) and
-``sentence_bert_config.json`` (``max_seq_length`` = the passage limit), in the classic layout
-that all-MiniLM-L6-v2 ships (tested with sentence-transformers 6.2).
+``sentence-transformers``: the merged folder plus one ``Transformer`` module (the weights stored
+once) -> ``Pooling`` (``lasttoken``, or mean/cls as trained) -> ``Normalize`` (when the model
+normalises).  No custom code is loaded (no ``trust_remote_code``); it needs sentence-transformers
+>= ``ST_MIN_VERSION``, written into ``config_sentence_transformers.json`` and the README:
 
-EOS: sentence-transformers calls the tokenizer itself, so the exported ``tokenizer.json`` gets a
-``TemplateProcessing`` post-processor ``[BOS] $A EOS`` (BOS only where the tokenizer adds one;
-a byte-level offsets step is kept) and ``add_bos_token``/``add_eos_token`` are dropped from
-``tokenizer_config.json`` (transformers would rebuild the post-processor from them). The export
-re-loads the tokenizer and checks that every text ends in exactly one EOS. The padding side is
-left for the default ``end_aligned`` positions (the numbers denselm computes), right for ``from_zero``.
+- the routes: ``chat_template.jinja`` formats a text by the ``task`` that ``encode_query`` /
+  ``encode_document`` pass to a template that declares it: a query becomes ``BOS + head(instruction)
+  + text + suffix + EOS`` (bge-icl's ``"\nResponse:"`` included), a document ``BOS + passage_prefix +
+  text + EOS``.  The rendered string is tokenized in one piece without added specials, so the
+  suffix is tokenized together with the text (BPE merges across the boundary as in denselm) and
+  BOS/EOS appear once.  A ``prompt=`` at encode time arrives as a system message and replaces the
+  saved instruction, as denselm's ``prompt=`` does.
+- max lengths: ``query_length`` / ``document_length`` in ``sentence_bert_config.json`` cut each route
+  at its own limit; on truncation sentence-transformers writes the template tail (suffix + EOS) back
+  over the last tokens (``restore_suffix``), so EOS is always last, as denselm appends it after
+  cutting to ``max_len - 1``.
+- the tokenizer itself also appends EOS (a ``TemplateProcessing`` post-processor ``[BOS] $A EOS``;
+  ``add_bos_token``/``add_eos_token`` dropped from ``tokenizer_config.json``, which transformers would
+  rebuild it from), for plain ``AutoTokenizer`` users and serving stacks; the export re-loads it and
+  checks.  Padding side: left for the default ``end_aligned`` positions, right for ``from_zero``.
 
-Exactness and limits:
-- templates ``none``, ``e5-mistral``, ``qwen3-embedding``: exact. ST tokenizes ``prompt + text``
-  as one string, as denselm does, so no token merges differently at the boundary.
-- ``bge-icl`` / ``bge-icl-special`` put a suffix after the query (``"\\nResponse:"``). A
-  sentence-transformers prompt is a prefix only, and a tokenizer post-processor would append
-  the suffix to documents too (they share the tokenizer) and, appended as fixed token ids, is
-  not exact for BPE either: Qwen's pre-tokenizer makes ``"?\\n"`` one piece, so a question
-  ending in ``?`` tokenizes differently when the suffix is a separate token sequence. The
-  export therefore writes the prefix prompt and warns; append the suffix to each query text
-  yourself (``st.encode([q + "\\nResponse:" for q in queries], prompt_name="query")``), which
-  is exact. In-context examples are not exported.
-- truncation: ST cuts at its ``max_seq_length`` token by token; the post-processor's tokens are
-  reserved by the tokenizer, so EOS survives, but queries share the passage limit and a long
-  query is cut where denselm (which re-fits the text before the suffix) may cut one token
-  differently. Texts within the limits encode identically.
+Exactness: token for token equal to denselm for every template (``none``, ``e5-mistral``,
+``qwen3-embedding``, ``bge-icl``, ``bge-icl-special``) for every passage and for every query within
+the query limit.  One residue: a bge-icl query cut at the limit.  denselm decodes the kept tokens and
+re-tokenizes them with the suffix (``templates.fit_to_length``); sentence-transformers writes the
+suffix's own ids over the last kept tokens.  Where the cut falls inside a BPE merge (a ``?`` or a
+space that would merge with ``"\n"``, a word split mid-piece) one or two ids next to the suffix
+differ.  Suffix-free templates have no such residue.  In-context examples are not exported.
 """
 
 from __future__ import annotations
@@ -151,56 +150,113 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+ST_MIN_VERSION = "6.3"
+"""Oldest sentence-transformers the folder is tested with: per-task ``query_length``/``document_length``,
+chat templates that receive ``task``, and the template suffix restored on truncation (``restore_suffix``)."""
+
+
+def _jinja_str(text: str) -> str:
+    """``text`` as a Jinja string literal (JSON escaping is valid Jinja: backslash escapes, double quotes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def st_chat_template(spec, instruction: str | None, bos: str, eos: str) -> str:
+    """The Jinja chat template that formats a text exactly as denselm does, for either route.
+
+    sentence-transformers turns each text into ``[{"role": "user", "content": text}]`` (a ``prompt``
+    becomes a leading ``system`` message) and renders this template with ``task`` = "query" or
+    "document"; the rendered string is tokenized in one piece (``add_special_tokens=False``), so the
+    query suffix is tokenized together with the text, as denselm tokenizes it.  ``bos``/``eos`` are
+    the special tokens' texts (``bos`` empty where the tokenizer adds none).  A system message
+    replaces the saved instruction for queries (denselm's ``prompt=``) and is ignored for documents.
+    """
+    from denselm.data.templates import get_template
+
+    t = get_template(spec.template)
+    head_before, _, head_after = t.head.partition("{prompt}") if t.needs_prompt else (t.head, "", "")
+    default = instruction if instruction is not None else ""
+
+    def content(var: str) -> str:  # flat (a string) or structured ([{"type": "text", "text": ...}]) message
+        return (f"{{%- if {var}['content'] is string -%}}{{{{ {var}['content'] }}}}{{%- else -%}}"
+                f"{{{{ {var}['content'] | map(attribute='text') | join('') }}}}{{%- endif -%}}")
+
+    query_head = _jinja_str(head_before) + (" ~ ns.instruction ~ " + _jinja_str(head_after) if t.needs_prompt else "")
+    return (
+        "{#- denselm export: " + spec.template + " template; BOS/EOS as denselm adds them -#}\n"
+        "{%- set ns = namespace(instruction=" + _jinja_str(default) + ") -%}\n"
+        "{%- for m in messages if m['role'] == 'system' -%}"
+        "{%- set ns.instruction = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -%}"
+        "{%- endfor -%}\n"
+        "{%- for m in messages if m['role'] != 'system' -%}\n"
+        "{{- " + _jinja_str(bos) + " -}}\n"
+        "{%- if task is defined and task == 'query' -%}"
+        "{{- " + query_head + " -}}" + content("m") + "{{- " + _jinja_str(t.suffix) + " -}}\n"
+        "{%- else -%}"
+        "{{- " + _jinja_str(spec.passage_prefix) + " -}}" + content("m") + "\n"
+        "{%- endif -%}\n"
+        "{{- " + _jinja_str(eos) + " -}}\n"
+        "{%- endfor -%}\n"
+    )
+
+
 def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
-    """Add the sentence-transformers files to a merged model folder; returns the prompts written."""
+    """Add the sentence-transformers files to a merged model folder; returns what the routes add to a text.
+
+    One ``Transformer`` module (the backbone stored once) whose chat template formats queries and
+    documents by ``task`` (``encode_query``/``encode_document`` set it), with per-task max lengths
+    (``query_length``/``document_length``), then Pooling and Normalize.
+    """
+    from denselm.data.tokenize import special_tokens
+
     spec = model.spec
-    template = spec.template
     prompt = instruction if instruction is not None else spec.prompt
-    query_prompt, doc_prompt, suffix = st_prompts(template, prompt, spec.passage_prefix)
-    if suffix:
-        logger.warning(
-            "template %r puts %r after each query; sentence-transformers prompts are prefixes only, so the "
-            "export holds the prefix and queries must end with the suffix: "
-            "st.encode([q + %r for q in queries], prompt_name='query') (see denselm/export.py)",
-            template, suffix, suffix,
-        )
+    query_head, doc_prefix, suffix = st_prompts(spec.template, prompt, spec.passage_prefix)
+    tokenizer = model.tokenizer
+    specials = special_tokens(tokenizer)
+    bos = "".join(tokenizer.convert_ids_to_tokens(list(specials.prefix)))
+    eos = tokenizer.convert_ids_to_tokens(specials.eos_id)
     padding_side = "right" if spec.position_ids == "from_zero" else "left"
-    write_eos_tokenizer(folder, model.tokenizer, padding_side)
-    check_eos_tokenizer(folder, model.tokenizer)
+    # The tokenizer itself also appends EOS (for AutoTokenizer users and serving stacks that call it
+    # plainly); the chat-template path tokenizes without special tokens, so EOS is there once either way.
+    write_eos_tokenizer(folder, tokenizer, padding_side)
+    check_eos_tokenizer(folder, tokenizer)
+    (folder / "chat_template.jinja").write_text(st_chat_template(spec, prompt, bos, eos), encoding="utf-8")
 
     dim = int(json.loads((folder / "config.json").read_text())["hidden_size"])
     modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.sentence_transformer.modules.Pooling"},
     ]
     if model.normalized:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.sentence_transformer.modules.Normalize"})
         (folder / "2_Normalize").mkdir(exist_ok=True)
     _write_json(folder / "modules.json", modules)
     _write_json(folder / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": dim, "pooling_mode": ST_POOLING[model.pooling],
+        "embedding_dimension": dim, "pooling_mode": ST_POOLING[model.pooling], "include_prompt": True,
     })
-    max_len = spec.passage_max_len
-    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
-    prompts = {"query": query_prompt, "document": doc_prompt}
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    _write_json(folder / "sentence_bert_config.json", {
+        "transformer_task": "feature-extraction",
+        # with "message" present, ST converts every text input to a message rendered by the chat template
+        "modality_config": {"text": forward, "message": {**forward, "format": "flat"}},
+        "module_output_name": "token_embeddings",
+        "query_length": spec.query_max_len,
+        "document_length": spec.passage_max_len,
+        # a plain encode() (no task) formats as a document; cap it at the passage limit
+        "max_seq_length": spec.passage_max_len,
+        "do_lower_case": False,
+    })
     _write_json(folder / "config_sentence_transformers.json", {
         "__version__": _versions(),
-        "prompts": prompts,
+        "minimum_sentence_transformers_version": ST_MIN_VERSION,
+        # empty prompts: the chat template formats each route; a prompt given at encode time becomes
+        # the query instruction (a system message)
+        "prompts": {"query": "", "document": ""},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if model.normalized else "dot",
     })
-    note = (f"\nQueries must end with {suffix!r}: `st.encode([q + {suffix!r} for q in queries], prompt_name=\"query\")`.\n"
-            if suffix else "")
-    (folder / "README.md").write_text(
-        f"# denselm export\n\nA decoder embedder ({template} template, {model.pooling} pooling"
-        f"{', normalised' if model.normalized else ''}) exported by `denselm export`.\n\n"
-        "```python\nfrom sentence_transformers import SentenceTransformer\n"
-        f"st = SentenceTransformer(PATH)\nq = st.encode(queries, prompt_name=\"query\")\n"
-        "d = st.encode(passages, prompt_name=\"document\")\n```\n" + note
-        + f"\nThe tokenizer appends EOS itself; texts longer than {max_len} tokens are cut by sentence-transformers.\n",
-        encoding="utf-8",
-    )
-    return {**prompts, "query_suffix": suffix}
+    return {"query_head": query_head, "query_suffix": suffix, "document_prefix": doc_prefix}
 
 
 def _versions() -> dict:
@@ -233,6 +289,8 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent)) / "model"
+    if instruction is not None:  # the export's denselm.json records the instruction its routes use
+        model.spec = model.spec.replace(prompt=instruction)
     try:
         model.save(stage, merge_lora=True)
         if fmt == "sentence-transformers":
