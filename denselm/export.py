@@ -51,10 +51,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("merged", "sentence-transformers")
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "first": "cls"}
+POOLING_FLAG = {"lasttoken": "lasttoken", "mean": "mean_tokens", "cls": "cls_token"}
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -232,8 +235,10 @@ def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
                         "type": "sentence_transformers.sentence_transformer.modules.Normalize"})
         (folder / "2_Normalize").mkdir(exist_ok=True)
     _write_json(folder / "modules.json", modules)
+    # the pooling_mode_* flags are what older sentence-transformers and serving stacks (vLLM, TEI) read
+    modes = {f"pooling_mode_{flag}": mode == ST_POOLING[model.pooling] for mode, flag in POOLING_FLAG.items()}
     _write_json(folder / "1_Pooling" / "config.json", {
-        "embedding_dimension": dim, "pooling_mode": ST_POOLING[model.pooling], "include_prompt": True,
+        "word_embedding_dimension": dim, "pooling_mode": ST_POOLING[model.pooling], **modes, "include_prompt": True,
     })
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
     _write_json(folder / "sentence_bert_config.json", {
@@ -259,6 +264,203 @@ def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
     return {"query_head": query_head, "query_suffix": suffix, "document_prefix": doc_prefix}
 
 
+# ------------------------------------------------------------------------------------ model card
+
+
+def training_metrics(model_folder: Path) -> tuple[dict, str] | None:
+    """The last evaluation of the training run next to ``model_folder`` (``log.jsonl``'s ``eval/*`` keys),
+    as ({metric: value}, where); None when the folder has no run log with an evaluation."""
+    for log in (model_folder.parent / "log.jsonl", model_folder / "log.jsonl"):
+        if not log.is_file():
+            continue
+        last = None
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if any(k.startswith("eval/") for k in record):
+                last = record
+        if last is not None:
+            metrics = {k[len("eval/"):]: v for k, v in last.items() if k.startswith("eval/")}
+            return metrics, f"{log.name}, step {last.get('step')}"
+    return None
+
+
+POSITION_NOTES = {
+    "end_aligned": (
+        "`end_aligned` (the seed's numbers): every row's last token sits at position T-1 of its padded "
+        "batch (left padding and the default positions give this). It is batch-dependent: a text's absolute "
+        "positions depend on the longest text in its batch. With rotary position embeddings (Llama, Qwen, "
+        "Mistral) attention depends only on position differences, so the cost is floating-point noise "
+        "(measured cosine >= 0.99999 between a text alone and inside a batch of long texts); a model with "
+        "absolute position embeddings would change."),
+    "from_zero": "`from_zero`: positions start at 0 for every text; batch-independent (padding on the right).",
+}
+
+
+def model_card(model, fmt: str, *, source: Path | None = None, dtype: str = "fp32", instruction: str | None = None,
+               extra_sections: str = "") -> str:
+    """README.md of an export: YAML front matter, what turns a text into a vector, usage for each runtime."""
+    from denselm.data.templates import get_template
+
+    spec = model.spec
+    t = get_template(spec.template)
+    prompt = instruction if instruction is not None else spec.prompt
+    query_head, doc_prefix, suffix = st_prompts(spec.template, prompt, spec.passage_prefix) if (
+        prompt is not None or not t.needs_prompt) else (t.head, spec.passage_prefix, t.suffix)
+    base = spec.base_model or "unknown"
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "denselm", "text-embeddings-inference"]
+    front = ["---", f"base_model: {json.dumps(base)}", "library_name: " + ("sentence-transformers" if fmt ==
+             "sentence-transformers" else "transformers"), "pipeline_tag: sentence-similarity", "tags:"]
+    front += [f"- {tag}" for tag in tags] + ["---", ""]
+    metrics = training_metrics(source) if source is not None else None
+    pooling = {"last": "last token (the EOS appended to every text)", "mean": "mean over real tokens",
+               "first": "first token"}[spec.pooling]
+    q_example = json.dumps(query_head + "{text}" + suffix, ensure_ascii=False)
+    lines = [
+        f"# {Path(str(base)).name} dense retriever (denselm export, {fmt}, {dtype})", "",
+        "A decoder-only embedder trained with denselm. Every runtime below must "
+        "reproduce the embedding denselm computes: the template, the EOS token, last-token pooling and the "
+        "per-route max lengths are what matter.", "",
+        "## What turns a text into a vector", "",
+        "| | |", "|---|---|",
+        f"| template | `{spec.template}` |",
+        f"| query instruction | {json.dumps(prompt, ensure_ascii=False) if prompt is not None else '(none)'} |",
+        f"| query format | `{q_example}` + EOS |",
+        f"| query suffix (after the text, never truncated) | {json.dumps(suffix) if suffix else '(none)'} |",
+        f"| passage format | `{json.dumps(doc_prefix + '{text}', ensure_ascii=False)}` + EOS |",
+        f"| max lengths (tokens, BOS/EOS included) | queries {spec.query_max_len}, passages {spec.passage_max_len} |",
+        f"| EOS | appended after cutting the text to max_len - 1 (`{model.tokenizer.eos_token}`, id {model.tokenizer.eos_token_id}) |",
+        f"| pooling | {pooling} |",
+        f"| normalised | {'yes (L2); similarity = cosine = dot product' if spec.normalized else 'no; similarity = dot product'} |",
+        f"| positions | {POSITION_NOTES[spec.position_ids]} |",
+        f"| padding side | {'left' if spec.position_ids == 'end_aligned' else 'right'} |",
+        f"| dtype | {dtype} |", "",
+        "Documents given as title + text are encoded as `title + ' ' + text`, as `denselm encode` does.", "",
+    ]
+    if metrics is not None:
+        values, where = metrics
+        lines += ["## Evaluation during training", "", f"From the training run's `{where}`:", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in sorted(values.items())]
+        lines += [""]
+    lines += [
+        "## Usage", "",
+        "### denselm", "",
+        "```python", "import denselm", 'enc = denselm.load_encoder("PATH")',
+        "q = enc.encode_queries([\"how do I sort a dict by value?\"])",
+        "d = enc.encode_corpus([{\"title\": \"dict\", \"text\": \"Use sorted(d.items(), key=...)\"}])",
+        "scores = enc.similarity(q, d)", "```", "",
+        "### Server (`denselm serve`, OpenAI-compatible)", "",
+        "```bash", "denselm serve --model PATH --port 8000",
+        "curl -s localhost:8000/v1/embeddings -H 'content-type: application/json' \\",
+        "  -d '{\"input\": [\"how do I sort a dict?\"], \"model\": \"PATH\", \"input_type\": \"query\"}'", "```", "",
+    ]
+    lines += [extra_sections] if extra_sections else []
+    lines += [
+        "### vLLM and text-embeddings-inference (not run here)", "",
+        "Neither runs on the machine this export was made on, so the lines below were NOT run or tested. "
+        "Both call the tokenizer with its special tokens; this export's tokenizer appends EOS itself "
+        "(checked when exporting), so the pooled token is the EOS denselm pools. Neither knows the query "
+        "template: format queries yourself as in the table above (instruction, text, suffix), and keep "
+        "the per-route max lengths (a query cut at the passage limit differs from denselm's).", "",
+        "```bash",
+        "# vLLM (>= 0.10: --runner pooling; older versions: --task embed --override-pooler-config)",
+        f"vllm serve PATH --runner pooling --pooler-config "
+        f"'{{\"pooling_type\": \"{ {'last': 'LAST', 'mean': 'MEAN', 'first': 'CLS'}[spec.pooling] }\", "
+        f"\"normalize\": {'true' if spec.normalized else 'false'}}}' --max-model-len {spec.passage_max_len} "
+        f"--dtype {EXPORT_DTYPES[dtype]}",
+        "# text-embeddings-inference",
+        f"text-embeddings-router --model-id PATH --pooling "
+        f"{ {'last': 'last-token', 'mean': 'mean', 'first': 'cls'}[spec.pooling] } --dtype {EXPORT_DTYPES[dtype]} --auto-truncate",
+        "```", "",
+        f"Both apply one max length to every input (vLLM: `--max-model-len`, here the passage limit "
+        f"{spec.passage_max_len}; TEI: the model's `max_position_embeddings`): cut queries to "
+        f"{spec.query_max_len} and passages to {spec.passage_max_len} tokens (EOS included) on the client, "
+        "keeping the query suffix after the cut, or use `denselm serve`, which does.", "",
+        "### GGUF (llama.cpp): not exported", "",
+        "llama.cpp is known to lose the appended EOS token (llama.cpp #14280), which last-token pooling reads, "
+        "and its Python binding builds from source, which could not be done and tested here. Not provided.", "",
+    ]
+    return "\n".join(front + lines)
+
+
+def transformers_snippet(model, instruction: str | None = None) -> str:
+    """Plain transformers code (no denselm) that computes this model's embeddings; the export README
+    shows it and a test runs it.  ``PATH`` is the export folder."""
+    spec = model.spec
+    prompt = instruction if instruction is not None else spec.prompt
+    t_head, doc_prefix, suffix = st_prompts(spec.template, prompt, spec.passage_prefix)
+    return f"""import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("PATH")
+model = AutoModel.from_pretrained("PATH").eval()
+BOS = {list(_prefix_ids(model.tokenizer))}  # what the tokenizer puts in front (BOS, or nothing)
+EOS = {model.tokenizer.eos_token_id}
+QUERY_HEAD, QUERY_SUFFIX, PASSAGE_PREFIX = {json.dumps(t_head, ensure_ascii=False)}, {json.dumps(suffix)}, {json.dumps(doc_prefix, ensure_ascii=False)}
+QUERY_MAX_LEN, PASSAGE_MAX_LEN = {spec.query_max_len}, {spec.passage_max_len}
+
+
+def ids(text, max_len, suffix=""):
+    \"\"\"BOS + text cut to max_len - 1 tokens + EOS; a suffix is kept whole, tokenized with the text.\"\"\"
+    room = max_len - 1 - len(BOS)
+    body = tok(text + suffix, add_special_tokens=False)["input_ids"]
+    if suffix and len(body) > room:  # cut the text, decode it, re-tokenize it with the suffix
+        cut = tok(text, add_special_tokens=False)["input_ids"]
+        keep = room - len(tok(suffix, add_special_tokens=False)["input_ids"])
+        while True:
+            body = tok(tok.decode(cut[:keep], clean_up_tokenization_spaces=False) + suffix,
+                       add_special_tokens=False)["input_ids"]
+            if len(body) <= room or keep == 0:
+                break
+            keep = max(0, keep - (len(body) - room))
+    return BOS + body[:room] + [EOS]
+
+
+@torch.no_grad()
+def embed(rows):
+    width = max(map(len, rows))  # left padding: every row's EOS at the last position
+    input_ids = torch.tensor([[EOS] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = {_positions_expr(spec.position_ids)}
+    hidden = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state  # (B, T, D)
+    return {_pool_expr(spec.pooling, spec.normalized)}
+
+
+queries = [ids(QUERY_HEAD + q, QUERY_MAX_LEN, QUERY_SUFFIX) for q in ["how do I sort a dict by value?"]]
+passages = [ids(PASSAGE_PREFIX + p, PASSAGE_MAX_LEN) for p in ["Use sorted(d.items(), key=lambda kv: kv[1])."]]
+q, d = embed(queries), embed(passages)
+scores = q @ d.T
+"""
+
+
+def _prefix_ids(tokenizer) -> tuple[int, ...]:
+    from denselm.data.tokenize import special_tokens
+
+    return special_tokens(tokenizer).prefix
+
+
+def _positions_expr(policy: str) -> str:
+    """The snippet's position ids for a left-padded batch: the model's policy (see the README table)."""
+    if policy == "from_zero":
+        return "(mask.cumsum(1) - 1).clamp(min=0)  # from_zero: every text starts at 0"
+    return "torch.arange(width).expand(len(rows), width)  # end_aligned: the last token at width - 1"
+
+
+def _pool_expr(pooling: str, normalized: bool) -> str:
+    """The snippet's pooling line for a left-padded batch (``hidden`` (B, T, D), ``mask`` (B, T))."""
+    norm = "F.normalize({}, dim=-1)" if normalized else "{}"
+    expr = {
+        "last": "hidden[:, -1]",
+        "mean": "(hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)",
+        "first": "hidden[torch.arange(len(rows)), mask.argmax(1)]",
+    }[pooling]
+    return norm.format(expr)
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -278,14 +480,41 @@ def load_model(path: str | os.PathLike, preset: str | None = None, base_model: s
     return load_encoder(path, device="cpu", preset=preset, base_model=base_model, show_progress=False).model
 
 
-def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | None = None, force: bool = False) -> Path:
-    """Write ``model`` (a BiEncoderModel) to ``output`` in format ``fmt``; atomic (temp folder, then rename)."""
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cast_weights(folder: Path, dtype: str) -> None:
+    """Rewrite the floating-point tensors of ``folder``'s safetensors files in ``dtype`` (merged in fp32 first)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = getattr(torch, EXPORT_DTYPES[dtype])
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):  # transformers 5 writes dtype, 4.x torch_dtype
+        if key in config or key == "dtype":
+            config[key] = EXPORT_DTYPES[dtype]
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | None = None, overwrite: bool = False,
+           dtype: str = "fp32", source: str | os.PathLike | None = None, force: bool | None = None) -> Path:
+    """Write ``model`` (a BiEncoderModel) to ``output`` in format ``fmt`` with a model card; atomic
+    (temp folder, then rename).  ``dtype``: fp32, bf16 or fp16 weights (the LoRA is merged in the
+    model's own dtype first).  ``source``: the model folder, whose training log gives the card's metrics.
+    ``force`` is the old name of ``overwrite``."""
+    overwrite = overwrite or bool(force)
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     output = Path(output)
-    if output.exists() and not force:
-        raise ValueError(f"--output {output} exists; pass --force to replace it")
-    if fmt == "sentence-transformers":  # a missing instruction fails before anything is written
+    if output.exists() and not overwrite:
+        raise UserError(f"--output {output} exists; pass --overwrite to replace it")
+    if fmt in ("sentence-transformers", "onnx"):  # a missing instruction fails before anything is written
         st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent)) / "model"
@@ -293,15 +522,53 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         model.spec = model.spec.replace(prompt=instruction)
     try:
         model.save(stage, merge_lora=True)
+        if dtype != "fp32":
+            cast_weights(stage, dtype)
+        extra = ""
         if fmt == "sentence-transformers":
             write_st_files(stage, model, instruction)
-        if output.exists():  # --force: swap the old folder aside, then delete it
+            extra = ST_USAGE.format(min_version=ST_MIN_VERSION)
+        else:  # the merged tokenizer appends EOS too, so serving stacks that call it plainly pool EOS
+            write_eos_tokenizer(stage, model.tokenizer, "right" if model.spec.position_ids == "from_zero" else "left")
+            check_eos_tokenizer(stage, model.tokenizer)
+        extra += TRANSFORMERS_USAGE.format(snippet=transformers_snippet(model, instruction))
+        card = model_card(model, fmt, source=Path(source) if source is not None else None, dtype=dtype,
+                          instruction=instruction, extra_sections=extra)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        if output.exists():  # --overwrite: swap the old folder aside, then delete it
             old = stage.parent / "old"
             os.replace(output, old)
         os.replace(stage, output)
     finally:
         shutil.rmtree(stage.parent, ignore_errors=True)
     return output
+
+
+ST_USAGE = """### sentence-transformers (>= {min_version})
+
+```python
+from sentence_transformers import SentenceTransformer
+st = SentenceTransformer("PATH")
+q = st.encode_query(["how do I sort a dict by value?"])   # template, instruction, suffix, query max length
+d = st.encode_document(["Use sorted(d.items(), key=lambda kv: kv[1])."])
+scores = st.similarity(q, d)
+```
+
+No arguments beyond the texts: the folder's chat template formats each route (`encode_query` /
+`encode_document` pass `task`), each route has its own max length (`query_length`,
+`document_length`), EOS is appended after truncation. `st.encode_query(texts, prompt="...")` replaces
+the instruction. `mteb` 2.x calls `encode_query`/`encode_document` through this model unchanged. A
+query cut at its max length by a template with a suffix (bge-icl) can differ from denselm in one or
+two tokens next to the suffix (sentence-transformers writes the suffix's own ids; denselm re-tokenizes).
+
+"""
+
+TRANSFORMERS_USAGE = """### transformers (no denselm, no sentence-transformers)
+
+```python
+{snippet}```
+
+"""
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -318,7 +585,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")
     parser.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the manifest's)")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES),
+                        help="weights' dtype (fp32 default; bf16/fp16 halve the size, cosine >= 0.999 to fp32)")
+    parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                        help="replace --output if it exists")
 
 
 def run(args) -> int:
@@ -326,12 +596,13 @@ def run(args) -> int:
 
     if not Path(args.model).is_dir():
         raise CliError(f"--model {args.model}: no such folder")
-    if Path(args.output).exists() and not args.force:
-        raise CliError(f"--output {args.output} exists; pass --force to replace it")
+    if Path(args.output).exists() and not args.overwrite:
+        raise CliError(f"--output {args.output} exists; pass --overwrite to replace it")
     try:
         model = load_model(args.model, args.preset, args.base_model)
     except ValueError as err:
         raise CliError(f"--model {args.model}: {err}") from None
-    out = export(model, args.output, args.format, instruction=args.instruction, force=args.force)
+    out = export(model, args.output, args.format, instruction=args.instruction, overwrite=args.overwrite,
+                 dtype=args.dtype, source=args.model)
     logger.info("wrote %s (%s)", out, args.format)
     return 0

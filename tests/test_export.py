@@ -256,3 +256,28 @@ def test_export_other_templates_and_bad_input(tmp_path, capsys):
                      "--format", "sentence-transformers"]) == 2
     assert "pass --instruction" in capsys.readouterr().err
     assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("fmt", ["merged", "sentence-transformers"])
+def test_readme_transformers_snippet_reproduces_denselm(tmp_path, llama_lora, fmt):
+    """The model card's plain-transformers code, run as written, gives denselm's vectors (long texts included)."""
+    import re
+
+    lora, enc = llama_lora
+    out = tmp_path / "out"
+    assert cli_main(["export", "--model", str(lora), "--output", str(out), "--format", fmt]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "pipeline_tag: sentence-similarity" in card
+    for needed in ("bge-icl", "\\nResponse:", "queries 64, passages 32", "end_aligned", "denselm serve",
+                   "vllm serve", "text-embeddings-router", "NOT run", "GGUF"):
+        assert needed in card, needed
+    snippet = re.search(r"### transformers .*?```python\n(.*?)```", card, re.S).group(1)
+    ns: dict = {}
+    exec(snippet.replace("PATH", str(out)), ns)
+    long_q = [" ".join(["why does my long query keep going?"] * 12), "é" * 200]
+    q = ns["embed"]([ns["ids"](ns["QUERY_HEAD"] + t, ns["QUERY_MAX_LEN"], ns["QUERY_SUFFIX"]) for t in QUERIES + long_q])
+    d = ns["embed"]([ns["ids"](ns["PASSAGE_PREFIX"] + t, ns["PASSAGE_MAX_LEN"]) for t in PROBE_DOCS])
+    assert cos_rows(q.numpy(), enc.encode_queries(QUERIES + long_q)).min() >= 0.9999
+    assert cos_rows(d.numpy(), enc.encode_corpus(PROBE_DOCS)).min() >= 0.9999
+    if fmt == "sentence-transformers":
+        assert "encode_query" in card and ">= 6.3" in card
