@@ -55,7 +55,7 @@ from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("merged", "sentence-transformers")
+FORMATS = ("merged", "sentence-transformers", "onnx")
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "first": "cls"}
 POOLING_FLAG = {"lasttoken": "lasttoken", "mean": "mean_tokens", "cls": "cls_token"}
 
@@ -311,8 +311,8 @@ def model_card(model, fmt: str, *, source: Path | None = None, dtype: str = "fp3
         prompt is not None or not t.needs_prompt) else (t.head, spec.passage_prefix, t.suffix)
     base = spec.base_model or "unknown"
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "denselm", "text-embeddings-inference"]
-    front = ["---", f"base_model: {json.dumps(base)}", "library_name: " + ("sentence-transformers" if fmt ==
-             "sentence-transformers" else "transformers"), "pipeline_tag: sentence-similarity", "tags:"]
+    front = ["---", f"base_model: {json.dumps(base)}", "library_name: " + {"sentence-transformers": "sentence-transformers",
+             "onnx": "onnx"}.get(fmt, "transformers"), "pipeline_tag: sentence-similarity", "tags:"]
     front += [f"- {tag}" for tag in tags] + ["---", ""]
     metrics = training_metrics(source) if source is not None else None
     pooling = {"last": "last token (the EOS appended to every text)", "mean": "mean over real tokens",
@@ -531,7 +531,22 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         else:  # the merged tokenizer appends EOS too, so serving stacks that call it plainly pool EOS
             write_eos_tokenizer(stage, model.tokenizer, "right" if model.spec.position_ids == "from_zero" else "left")
             check_eos_tokenizer(stage, model.tokenizer)
-        extra += TRANSFORMERS_USAGE.format(snippet=transformers_snippet(model, instruction))
+        snippet = transformers_snippet(model, instruction)
+        if fmt == "onnx":
+            from .onnx_export import export_onnx
+
+            import torch
+
+            export_onnx(model, stage / "model.onnx", getattr(torch, EXPORT_DTYPES[dtype]))
+            for weights in stage.glob("*.safetensors"):  # the graph holds the weights
+                weights.unlink()
+            tokenize = snippet.split("\n\n@torch.no_grad()")[0]  # the formatting and tokenizing half
+            for line in ("import torch\n", "import torch.nn.functional as F\n",
+                         'model = AutoModel.from_pretrained("PATH").eval()\n'):
+                tokenize = tokenize.replace(line, "")
+            extra = ONNX_USAGE.format(tokenize=tokenize.replace("AutoModel, AutoTokenizer", "AutoTokenizer").strip())
+        else:
+            extra += TRANSFORMERS_USAGE.format(snippet=snippet)
         card = model_card(model, fmt, source=Path(source) if source is not None else None, dtype=dtype,
                           instruction=instruction, extra_sections=extra)
         (stage / "README.md").write_text(card, encoding="utf-8")
@@ -560,6 +575,37 @@ No arguments beyond the texts: the folder's chat template formats each route (`e
 the instruction. `mteb` 2.x calls `encode_query`/`encode_document` through this model unchanged. A
 query cut at its max length by a template with a suffix (bge-icl) can differ from denselm in one or
 two tokens next to the suffix (sentence-transformers writes the suffix's own ids; denselm re-tokenizes).
+
+"""
+
+ONNX_USAGE = """### ONNX Runtime (CPU)
+
+One graph from token ids to the embedding: backbone, position ids (computed in the graph from
+`attention_mask`), pooling and normalisation. Inputs `input_ids` and `attention_mask`, int64
+`(batch, sequence)`, both axes dynamic; output `sentence_embedding`, float32 `(batch, dim)`. Pad on
+the LEFT with any id (the mask marks padding; right padding gives the same numbers). Format and cut
+the texts as the table above says; this code does it with the tokenizer of this folder:
+
+```python
+{tokenize}
+
+import numpy as np
+import onnxruntime as ort
+
+sess = ort.InferenceSession("PATH/model.onnx", providers=["CPUExecutionProvider"])
+
+
+def embed(rows):
+    width = max(map(len, rows))
+    input_ids = np.array([[EOS] * (width - len(r)) + r for r in rows], dtype=np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
+    return sess.run(None, {{"input_ids": input_ids, "attention_mask": mask}})[0]
+
+
+q = embed([ids(QUERY_HEAD + t, QUERY_MAX_LEN, QUERY_SUFFIX) for t in ["how do I sort a dict by value?"]])
+d = embed([ids(PASSAGE_PREFIX + t, PASSAGE_MAX_LEN) for t in ["Use sorted(d.items(), key=lambda kv: kv[1])."]])
+scores = q @ d.T
+```
 
 """
 

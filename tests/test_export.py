@@ -281,3 +281,110 @@ def test_readme_transformers_snippet_reproduces_denselm(tmp_path, llama_lora, fm
     assert cos_rows(d.numpy(), enc.encode_corpus(PROBE_DOCS)).min() >= 0.9999
     if fmt == "sentence-transformers":
         assert "encode_query" in card and ">= 6.3" in card
+
+
+def write_beir_folder(folder):
+    """A small BEIR folder (titles on some documents, non-ASCII, a long passage) with graded qrels."""
+    folder.mkdir(parents=True)
+    queries = {f"q{i}": q for i, q in enumerate(PROBE_QUERIES)}
+    docs = {f"d{i}": (f"Title {i}" if i % 2 else "", t) for i, t in enumerate(PROBE_DOCS + DOCS[::-1] + QUERIES)}
+    (folder / "qrels").mkdir()
+    with open(folder / "queries.jsonl", "w") as f:
+        f.writelines(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items())
+    with open(folder / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps({"_id": k, "title": t, "text": v}) + "\n" for k, (t, v) in docs.items())
+    qrels = [(q, f"d{(3 * i) % len(docs)}", 1 + i % 2) for i, q in enumerate(queries)]
+    qrels += [(q, f"d{(5 * i + 1) % len(docs)}", 1) for i, q in enumerate(queries)]
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+    return folder
+
+
+def mteb_task(folder):
+    """A local mteb retrieval task over a BEIR folder (no hub): stock AbsTaskRetrieval, data given directly."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    def rows(name):
+        return [json.loads(line) for line in (folder / name).read_text().splitlines() if line.strip()]
+
+    qrels: dict = {}
+    for line in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, g = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(g)
+
+    class LocalBeir(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name="DenselmLocalBeir", description="a local BEIR folder", reference=None,
+            dataset={"path": str(folder), "revision": "local"}, type="Retrieval", category="t2t",
+            modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"], main_score="ndcg_at_10",
+            date=("2026-01-01", "2026-01-01"), domains=[], task_subtypes=[], license="cc-by-4.0",
+            annotations_creators="derived", dialect=[], sample_creation="found", bibtex_citation="",
+        )
+
+        def load_data(self, num_proc=None, **kwargs):
+            split = RetrievalSplitData(
+                queries=Dataset.from_list([{"id": r["_id"], "text": r["text"]} for r in rows("queries.jsonl")]),
+                corpus=Dataset.from_list([{"id": r["_id"], "title": r["title"], "text": r["text"]}
+                                          for r in rows("corpus.jsonl")]),
+                relevant_docs=qrels, top_ranked=None)
+            self.dataset = {"default": {"test": split}}
+            self.data_loaded = True
+
+    return LocalBeir()
+
+
+@pytest.mark.parametrize("template", [pytest.param("bge-icl", marks=pytest.mark.slow), "qwen3-embedding"])
+def test_mteb_on_st_export_reproduces_denselm_evaluate(tmp_path, template):
+    """A stock mteb run on the sentence-transformers export gives denselm evaluate's nDCG@10 (1e-4)."""
+    mteb = pytest.importorskip("mteb")
+    out, enc = st_export(tmp_path, "qwen3", "qwen2", template)
+    beir = write_beir_folder(tmp_path / "beir")
+    metrics_path = tmp_path / "metrics.json"
+    assert cli_main(["evaluate", "--model", str(out), "--data", str(beir), "--k", "10",
+                     "--device", "cpu", "--output", str(metrics_path)]) == 0
+    denselm_ndcg = json.loads(metrics_path.read_text())
+    denselm_ndcg = denselm_ndcg.get("metrics", denselm_ndcg)["ndcg@10"]
+    result = mteb.evaluate(load_st(out), mteb_task(beir), cache=None, show_progress_bar=False)
+    mteb_ndcg = result.task_results[0].scores["test"][0]["ndcg_at_10"]
+    assert abs(mteb_ndcg - denselm_ndcg) <= 1e-4, (mteb_ndcg, denselm_ndcg)
+    assert 0 < denselm_ndcg < 1
+
+
+@pytest.mark.parametrize("tokenizer_name,arch,template", [("qwen3", "qwen2", "bge-icl"),
+                                                          ("smollm2-bos-eos", "llama", "e5-mistral")])
+def test_onnx_export_matches_denselm(tmp_path, tokenizer_name, arch, template):
+    """onnxruntime on the exported graph (pooling and normalisation inside) gives denselm's vectors for
+    batches of 1 and 7 mixed-length rows (dynamic axes), padded on either side; the README's code runs."""
+    import re
+
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from denselm.data.tokenize import pad_batch
+
+    lora, enc = make_lora_model(tmp_path, tokenizer_name, arch, template)
+    out = tmp_path / "onnx"
+    assert cli_main(["export", "--model", str(lora), "--output", str(out), "--format", "onnx"]) == 0
+    assert not list(out.glob("*.safetensors"))  # the graph holds the weights
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    queries, docs = (PROBE_QUERIES + QUERIES)[:7], (PROBE_DOCS + QUERIES)[:7]
+    for rows, want in [(enc.query_ids(queries), enc.encode_queries(queries)),
+                       (enc.passage_ids(docs), enc.encode_corpus(docs))]:
+        assert len(rows) == 7 and len(set(map(len, rows))) > 3  # mixed lengths
+        for side in ("left", "right"):
+            feats = pad_batch(rows, enc.tokenizer.eos_token_id, side)
+            (emb,) = sess.run(None, {k: v.numpy() for k, v in feats.items()})
+            assert emb.shape == want.shape and cos_rows(emb, want).min() >= 0.9999
+        for i in (0, 6):  # batch of one
+            feats = pad_batch(rows[i:i + 1], enc.tokenizer.eos_token_id)
+            (emb,) = sess.run(None, {k: v.numpy() for k, v in feats.items()})
+            assert cos_rows(emb, want[i:i + 1]).min() >= 0.9999
+    card = (out / "README.md").read_text()
+    assert "library_name: onnx" in card and "LEFT" in card
+    code = re.search(r"### ONNX Runtime.*?```python\n(.*?)```", card, re.S).group(1)
+    ns: dict = {}
+    exec(code.replace("PATH", str(out)), ns)
+    assert cos_rows(ns["q"], enc.encode_queries(["how do I sort a dict by value?"])).min() >= 0.9999
