@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from data_helpers import make_tokenizer
 from denselm import BiEncoderModel
