@@ -215,7 +215,8 @@ def metric(url: str, name: str) -> float:
 
 def test_split_across_batches_backpressure_timeout_and_reject(model_dir, enc):
     """Small limits: a request is split over batches of 4; a full queue answers 503 + Retry-After;
-    a request that outlives its timeout gets 504 and its texts are dropped; --long-inputs reject."""
+    a request that outlives its timeout gets 504 and its texts are dropped, one whose body does not
+    arrive in time 408; --long-inputs reject."""
     settings = ServeSettings(models={"tiny": str(model_dir)}, port=0, max_batch_size=4, max_wait_ms=800,
                              max_queue_tokens=40, request_timeout_s=0.3, long_inputs="reject")
     with ServerThread(settings, encoders={"tiny": enc}) as base:
@@ -232,6 +233,10 @@ def test_split_across_batches_backpressure_timeout_and_reject(model_dir, enc):
         # the first request waited past its 0.3 s timeout: 504, its queued texts dropped
         assert first["r"].status_code == 504, first["r"].text
         assert metric(base, "denselm_dropped_inputs_total") > 0
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:  # a body that never completes
+            raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"input\"")
+            assert raw.recv(100).startswith(b"HTTP/1.1 408")
         long = httpx.post(f"{base}/v1/embeddings", json={"input": ["apple", " ".join(WORDS * 3)]}, timeout=30)
         assert long.status_code == 413 and "input[1]" in long.json()["error"]["message"]
         assert httpx.get(f"{base}/ready").status_code == 200
@@ -256,6 +261,22 @@ def test_split_across_batches_backpressure_timeout_and_reject(model_dir, enc):
             time.sleep(0.05)
         assert metric(base, "denselm_dropped_inputs_total") == 2
         assert metric(base, "denselm_batch_size_count") == 0  # nothing of it reached the model
+
+
+def test_two_models_by_name(tmp_path, model_dir, enc):
+    other_dir = save_tiny(tmp_path / "other", position_ids="from_zero", prompt="Find the fruit")
+    other = denselm.load(other_dir, device="cpu", show_progress=False)
+    settings = ServeSettings(models={"a": str(model_dir), "b": str(other_dir)}, port=0)
+    with ServerThread(settings, encoders={"a": enc, "b": other}) as base:
+        texts = texts_for(5, 4)
+        for name, e in (("a", enc), ("b", other)):
+            got = client(base, "/query").embeddings.create(input=texts, model=name)
+            np.testing.assert_allclose(vectors(got), e.encode_queries(texts), rtol=0, atol=1e-6)
+        no_model = httpx.post(f"{base}/v1/embeddings", json={"input": "a"})
+        assert no_model.status_code == 400 and "model is required" in no_model.json()["error"]["message"]
+        info = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
+        assert (info["a"]["position_ids"], info["b"]["position_ids"]) == ("end_aligned", "from_zero")
+        assert info["b"]["instruction"] == "Find the fruit"
 
 
 class _SlowEncoders(dict):

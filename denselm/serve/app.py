@@ -152,7 +152,10 @@ class ServerState:
         """The response body, or ApiError; ``labels`` gets the model and input type once known (metrics)."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        body = await read_body(request, s.max_body_bytes)
+        try:  # a client trickling its body in must not hold a connection forever
+            body = await asyncio.wait_for(read_body(request, s.max_body_bytes), timeout=s.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {s.request_timeout_s:g} s") from None
         req = await loop.run_in_executor(self.pool, parse_request, body)
         input_type = labels["input_type"] = req.input_type or route_type or "document"
         if route_type is not None and req.input_type is not None and req.input_type != route_type:
