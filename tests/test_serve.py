@@ -327,6 +327,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_port_in_use_is_an_environment_problem(model_dir):
+    from denselm.errors import EnvironmentProblem
+    from denselm.serve.command import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = ServeSettings(models={"tiny": str(model_dir)}, port=taken.getsockname()[1])
+        with pytest.raises(EnvironmentProblem, match="could not listen"):
+            serve(settings)
+
+
 def test_cli_settings(tmp_path, model_dir, monkeypatch):
     monkeypatch.delenv("DENSELM_API_KEY", raising=False)
     assert cli_main(["serve", "--model", str(model_dir), "--api-key", "secret"]) == 2  # never a flag

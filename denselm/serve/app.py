@@ -110,6 +110,8 @@ class ServerState:
         try:
             for name, path in self.settings.models.items():
                 encoder = encoders[name] if encoders is not None else self._load_encoder(path)
+                if self.draining:  # the server stopped (e.g. its port was taken) while this model loaded
+                    return
                 s = self.settings
                 batcher = Batcher(encoder, name, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
                                   max_wait_ms=s.max_wait_ms, max_queue_tokens=s.max_queue_tokens,
@@ -267,6 +269,7 @@ def create_app(settings: ServeSettings, encoders: dict | None = None):
         loader.start()
         yield
         state.draining = True
+        await asyncio.to_thread(loader.join, settings.graceful_timeout_s)  # no worker may start after close
         await asyncio.to_thread(state.close)
 
     app = FastAPI(title="denselm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

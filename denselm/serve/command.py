@@ -82,7 +82,11 @@ def serve(settings) -> int:
     server = make_server(app, settings)
     logger.info("serving %s on http://%s:%d (API key: %s)", ", ".join(settings.models), settings.host, settings.port,
                 "required" if settings.api_key else "none")
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits 1 when it cannot bind; say why in our terms
+        raise EnvironmentProblem(f"could not listen on {settings.host}:{settings.port} "
+                                 "(the port is in use, or binding there is not allowed)") from None
     state = app.state.denselm
     if state.load_error is not None:
         err = state.load_error
