@@ -14,6 +14,8 @@ from ..errors import ConfigError, EnvironmentProblem, require
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
     from denselm.inference import PRESETS
 
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]FOLDER",
@@ -23,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key-file", default=None,
                         help="file whose first line is the API key (or set DENSELM_API_KEY); default: no key")
     # An explicit flag so that argparse never reads '--api-key' as an abbreviation of --api-key-file.
-    parser.add_argument("--api-key", dest="_api_key_flag", default=None, help=f"refused: see --api-key-file")
+    parser.add_argument("--api-key", dest="_api_key_flag", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")
     parser.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the manifest's)")
