@@ -654,8 +654,11 @@ def teacher_report(pos0: Sequence[float], negs: Sequence[float], gaps: Sequence[
     temps = sorted({float(temperature), *CANDIDATE_TEMPERATURES}, reverse=True)
     u = teacher_uniformity(groups, temps)
     ratio = u.mean_ratio.get(float(temperature), 0.0)
+    gaps = np.asarray(gaps, dtype=np.float64)
     return {"lines": len(pos0), "positive": _quantiles(pos0), "negative": _quantiles(negs),
-            "positive_minus_best_negative": _quantiles(gaps), "temperature": float(temperature),
+            "positive_minus_best_negative": _quantiles(gaps),
+            "lines_negative_above_positive": float((gaps < 0).mean()) if len(gaps) else 0.0,
+            "temperature": float(temperature),
             "entropy_ratio": {f"{k:g}": round(v, 4) for k, v in u.mean_ratio.items()},
             "entropy_ratio_at_temperature": round(ratio, 4), "near_uniform": bool(ratio > UNIFORM_WARNING),
             "suggested_temperature": u.suggested_temperature, "groups": u.num_groups}
@@ -734,6 +737,10 @@ def problems(r: dict) -> list[dict]:
                 if ts["suggested_temperature"] else "")
         add("warning", "teacher_scores", f"teacher scores near uniform at temperature {ts['temperature']:g} "
                                          f"(entropy ratio {ts['entropy_ratio_at_temperature']:.3f}){hint}")
+    if ts and ts["lines_negative_above_positive"] > 0.25:
+        add("warning", "teacher_scores", f"the teacher scores a negative above the positive in "
+                                         f"{ts['lines_negative_above_positive']:.1%} of lines (false negatives, or "
+                                         "positives the teacher does not recognise)")
     fn = r.get("false_negatives")
     if fn and fn["rate"] > 0.05:
         add("warning", "false_negatives", f"the model scores {fn['rate']:.1%} of sampled negatives above their positive")
@@ -774,7 +781,8 @@ def summary(report: dict) -> str:
         ts = r["teacher_scores"]
         if ts:
             lines.append(f"  teacher scores ({ts['lines']} lines): positive p50 {ts['positive']['p50']:.3f}, negative "
-                         f"p50 {ts['negative'].get('p50', float('nan')):.3f}; entropy ratio at T="
+                         f"p50 {ts['negative'].get('p50', float('nan')):.3f}, a negative above the positive in "
+                         f"{ts['lines_negative_above_positive']:.1%} of lines; entropy ratio at T="
                          f"{ts['temperature']:g}: {ts['entropy_ratio_at_temperature']:.3f}")
         fn = r["false_negatives"]
         if fn:

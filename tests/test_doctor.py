@@ -190,8 +190,13 @@ def test_teacher_scores_and_model_false_negatives(tmp_path):
     ts = check_dataset(str(src), Settings())["teacher_scores"]
     assert ts["lines"] == 8 and ts["positive"]["p50"] == 0.5 and ts["negative"]["max"] == 0.49
     assert ts["near_uniform"] and ts["entropy_ratio_at_temperature"] > 0.99
+    assert ts["lines_negative_above_positive"] == 0.0 and ts["positive_minus_best_negative"]["max"] == pytest.approx(0.01)
     sharp = check_dataset(str(src), Settings(), teacher_temperature=0.001)["teacher_scores"]
     assert not sharp["near_uniform"]
+    flipped = write_jsonl(tmp_path / "flipped.jsonl", [dict(l, neg_scores=[0.6, 0.1]) for l in lines[:3]] + lines[3:])
+    f = check_dataset(str(flipped), Settings(), teacher_temperature=0.001)
+    assert f["teacher_scores"]["lines_negative_above_positive"] == 3 / 8
+    assert [p["check"] for p in f["problems"]] == ["teacher_scores"]
 
     class Fake:
         """Unit vectors by hand: queries (1, 0); p* and *a at angle 0.1; *b at 0 (above the positive)."""
@@ -257,3 +262,21 @@ def test_doctor_bad_input(tmp_path, capsys):
     assert "--threshold" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="corpus.jsonl not found"):
         doctor([str(good)], eval_folder=str(tmp_path / "no-beir"))
+
+
+def test_doctor_bench_smoke():
+    """The benchmark runs end to end at a tiny size and finds what it plants."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "doctor_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--examples", "400"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = {r["stage"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(stages) == {"generate", "doctor", "extrapolate"}
+    doc = stages["doctor"]
+    assert doc["examples_per_cpu_s"] > 0 and doc["leaks"]["exact"] == 10  # 5 queries + 5 passages planted
+    assert doc["exact_duplicates"] > 0 and doc["near_duplicates"] > 0
