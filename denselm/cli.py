@@ -2,7 +2,7 @@
 
     denselm train configs/tiny.yaml --train.lr 2e-4
     denselm encode --model out/ --input corpus.jsonl --output emb/
-    denselm search / evaluate / mine / score / doctor / export / convert-gguf / demo
+    denselm search / evaluate / mine / score / doctor / export / convert-gguf / demo / serve
 
 Modules are imported only when their subcommand runs, so `denselm --help` is fast.
 """
@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("denselm.export", "export merged weights or a sentence-transformers folder"),
     "convert-gguf": ("denselm.convert", "convert a GGUF checkpoint into a transformers folder"),
     "demo": ("denselm.demo", "the end-to-end demo: SmolLM2 on Python FAQ retrieval"),
+    "serve": ("denselm.serve.command", "serve a model over HTTP: OpenAI-compatible /v1/embeddings"),
 }
 
 
