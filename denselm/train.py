@@ -101,6 +101,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         position_ids=cfg.model.position_ids,
         packing=cfg.model.packing,
         manifest=manifest,
+        loss_options=cfg.loss.options(),
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()

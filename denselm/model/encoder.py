@@ -76,6 +76,8 @@ class BiEncoderModel(nn.Module):
         sub-batch / gradient-cache chunk) is packed into rows of at most
         ``packing_max_tokens`` real tokens; implies ``position_ids="from_zero"``.
       manifest: extra inference settings saved by ``save`` (templates, max lengths...).
+      loss_options: ``losses.LossOptions`` (margin masks, extra InfoNCE terms, hardness
+        weighting); None = the seed's loss.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class BiEncoderModel(nn.Module):
         packing: bool = False,
         packing_max_tokens: int | None = packing_lib.DEFAULT_MAX_TOKENS,
         manifest: dict | None = None,
+        loss_options: losses.LossOptions | None = None,
     ):
         super().__init__()
         if model is None:
@@ -138,6 +141,7 @@ class BiEncoderModel(nn.Module):
         self.distill_weight = float(distill_weight)
         self.distill_loss = distill_loss
         self.distill_in_custom_mode = distill_in_custom_mode
+        self.loss_options = loss_options or losses.LossOptions()
         self.grad_cache = grad_cache
         self.grad_cache_chunk_size = grad_cache_chunk_size
         self.grad_cache_max_tokens = grad_cache_max_tokens
@@ -313,6 +317,7 @@ class BiEncoderModel(nn.Module):
             )
         G = P // B
         teacher = self._teacher_tensor(teacher_scores, B, G, q_reps.device)
+        mask_teacher = teacher  # the teacher-margin mask uses the scores even where distillation does not
         if teacher is not None and mode == "custom" and not self.distill_in_custom_mode:
             if not self._warned_custom_teacher:
                 logger.warning(
@@ -324,20 +329,25 @@ class BiEncoderModel(nn.Module):
 
         cross = self.negatives_cross_device and distributed.is_initialized() and distributed.info().world_size > 1
         metrics: dict[str, float] = {}
-        local = losses.group_scores(q_reps, p_reps, G) / self.temperature  # (B, G)
+        opts = self.loss_options
+        raw_local = losses.group_scores(q_reps, p_reps, G)  # (B, G) before the temperature
+        local = raw_local / self.temperature  # (B, G)
         if mode == "normal":
             if cross:
                 all_p = distributed.all_gather_with_grad(p_reps)  # (W * B * G, D)
                 offset = distributed.info().rank * B
             else:
                 all_p, offset = p_reps, 0
-            scores = losses.similarity(q_reps, all_p) / self.temperature  # (B, N)
-            if false_negative_mask is not None and false_negative_mask.shape != scores.shape:
+            if false_negative_mask is not None and false_negative_mask.shape != (B, all_p.shape[0]):
                 raise ValueError(
-                    f"false_negative_mask must be (queries, all passages) = {tuple(scores.shape)}, "
+                    f"false_negative_mask must be (queries, all passages) = {(B, all_p.shape[0])}, "
                     f"got {tuple(false_negative_mask.shape)}"
                 )
-            loss = losses.in_batch_contrastive_loss(scores, G, offset, false_negative_mask)
+            if opts.is_default:
+                scores = losses.similarity(q_reps, all_p) / self.temperature  # (B, N)
+                loss = losses.in_batch_contrastive_loss(scores, G, offset, false_negative_mask)
+            else:
+                loss, scores = self._extended_loss(q_reps, all_p, G, offset, cross, mask_teacher, false_negative_mask, metrics)
         else:
             scores = local
             fn_local = None
@@ -356,6 +366,8 @@ class BiEncoderModel(nn.Module):
                         f"in 'custom' mode false_negative_mask must be (queries, group) = {(B, G)}, "
                         f"got {tuple(false_negative_mask.shape)}"
                     )
+            if opts.margin is not None or (opts.teacher_margin is not None and mask_teacher is not None):
+                fn_local = self._local_masks(raw_local, mask_teacher, fn_local, metrics)
             loss = losses.local_contrastive_loss(local, fn_local)
         metrics["contrastive"] = float(loss.detach())
         if teacher is not None:
@@ -367,6 +379,42 @@ class BiEncoderModel(nn.Module):
             global_loss = distributed.all_reduce_mean(loss)
             loss = loss + (global_loss - loss).detach()
         return loss, scores, metrics
+
+    def _extended_loss(self, q_reps, all_p, G, offset, cross, teacher, false_negative_mask, metrics):
+        """The "normal" loss with ``self.loss_options``; records the fraction of negatives each mask removed."""
+        opts = self.loss_options
+        all_q = distributed.all_gather_with_grad(q_reps) if cross and opts.needs_all_queries else q_reps  # (Q, D)
+        masks = {"false_negatives": false_negative_mask}
+        if opts.teacher_margin is not None and teacher is not None:
+            masks["teacher_margin"] = losses.teacher_margin_mask(teacher, opts.teacher_margin, all_p.shape[0], offset)
+        res = losses.extended_contrastive_loss(
+            q_reps, all_p, G, self.temperature, offset, all_q, masks, opts.margin,
+            opts.directions, opts.partition_mode, opts.hardness_mode, opts.hardness_strength,
+        )
+        target = losses.positive_columns(q_reps.shape[0], G, offset, q_reps.device)
+        if res.masks:
+            any_mask = torch.stack(list(res.masks.values())).any(0)
+            res.masks["any"] = any_mask
+        for name, m in res.masks.items():
+            metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        return res.loss, res.scores
+
+    def _local_masks(self, raw_local, teacher, fn_local, metrics):
+        """Custom mode: margin and teacher-margin masks over each query's own group (B, G)."""
+        opts = self.loss_options
+        B, G = raw_local.shape
+        target = torch.zeros(B, dtype=torch.long, device=raw_local.device)
+        masks = {"false_negatives": None if fn_local is None else fn_local.to(raw_local.device, torch.bool)}
+        if opts.margin is not None:
+            masks["margin"] = losses.margin_mask(raw_local, raw_local[:, 0], opts.margin)
+        if opts.teacher_margin is not None and teacher is not None:
+            masks["teacher_margin"] = teacher.detach() > teacher[:, :1].detach() + opts.teacher_margin  # (B, G)
+        masks = {k: v for k, v in masks.items() if v is not None}
+        combined = torch.stack(list(masks.values())).any(0)
+        masks["any"] = combined
+        for name, m in masks.items():
+            metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        return combined
 
     @staticmethod
     def _teacher_tensor(teacher_scores, B: int, G: int, device) -> torch.Tensor | None:
