@@ -380,6 +380,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
+                  "same_document_masked": batch.num_same_document,
                   "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
