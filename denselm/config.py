@@ -118,6 +118,16 @@ class LossConfig:
     """Hardness weighting of negatives (LLaVE): in_batch_negatives, hard_negatives, all_negatives; None = off."""
     hardness_strength: float = 0.0
     """alpha: negative j's softmax term is weighted by exp(alpha * s_ij), detached (LLaVE uses 9)."""
+    embed_distill_teacher: str | None = None
+    """Teacher for embedding distillation: a sentence-transformers folder or "minilm" (all-MiniLM-L6-v2, packaged)."""
+    embed_distill_weight: float = 0.0
+    """Weight of distance(projection(student), teacher) on query and passage embeddings (projection: checkpoints only)."""
+    embed_distill_distance: str = "cosine"
+    """cosine (1 - cos), mse or l2 (sentence-transformers' EmbedDistillLoss names)."""
+    similarity_distill_weight: float = 0.0
+    """Weight of matching the teacher's in-batch query-passage cosine similarity matrix (dimension-free)."""
+    embed_distill_cache: str | None = None
+    """SQLite file caching teacher embeddings by (teacher, text hash); None = ~/.cache/denselm/teacher-embeddings.sqlite."""
 
     def __post_init__(self):
         if self.distill_loss not in ("soft_ce", "kl"):
@@ -142,6 +152,19 @@ class LossConfig:
                               f"got {self.hardness_mode!r}")
         if self.hardness_strength < 0:
             raise ConfigError(f"loss.hardness_strength must be >= 0, got {self.hardness_strength}")
+        for key in ("embed_distill_weight", "similarity_distill_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+        if self.embed_distill_distance not in losses.EMBED_DISTANCES:
+            raise ConfigError(f"loss.embed_distill_distance must be one of {list(losses.EMBED_DISTANCES)}, "
+                              f"got {self.embed_distill_distance!r}")
+        if self.embeds_distilled and not self.embed_distill_teacher:
+            raise ConfigError("loss.embed_distill_teacher is required when loss.embed_distill_weight or "
+                              "loss.similarity_distill_weight is > 0 (e.g. minilm)")
+
+    @property
+    def embeds_distilled(self) -> bool:
+        return self.embed_distill_weight > 0 or self.similarity_distill_weight > 0
 
     def options(self):
         """The ``losses.LossOptions`` the model's forward uses."""

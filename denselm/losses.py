@@ -342,3 +342,41 @@ class LossOptions:
     def needs_all_queries(self) -> bool:
         """The query-indexed terms need every process's queries (gathered with gradients)."""
         return bool(set(self.directions) & {"query_to_query", "doc_to_query"})
+
+
+# ------------------------------------------------------- embedding distillation
+EMBED_DISTANCES = ("cosine", "mse", "l2")
+
+
+def embedding_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Distance between (projected) student embeddings and the teacher's, mean over rows. (n, Dt) each.
+
+    ``cosine``: 1 - cos (bounded; sentence-transformers' EmbedDistillLoss default),
+    ``mse``: mean squared error per coordinate, ``l2``: Euclidean distance (EmbedDistill).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student embeddings {tuple(student.shape)} vs teacher {tuple(teacher.shape)}: "
+                         "project the student to the teacher's width first")
+    t = teacher.detach().to(student.dtype)
+    if distance == "cosine":
+        return (1 - F.cosine_similarity(student, t, dim=-1)).mean()
+    if distance == "mse":
+        return F.mse_loss(student, t)
+    if distance == "l2":
+        return (student - t).norm(dim=-1).mean()
+    raise ValueError(f"distance must be one of {EMBED_DISTANCES}, got {distance!r}")
+
+
+def similarity_distillation_loss(
+    q: torch.Tensor, p: torch.Tensor, teacher_q: torch.Tensor, teacher_p: torch.Tensor
+) -> torch.Tensor:
+    """Match the teacher's in-batch cosine similarity matrix: mean over this process's rows of the
+    mean squared difference, (B, N) each.  Dimension-free: student (D) and teacher (Dt) widths may differ.
+
+    ``q`` (B, D), ``p`` (N, D) (gathered under cross-device negatives); ``teacher_q``
+    (B, Dt), ``teacher_p`` (N, Dt) the same texts' teacher embeddings.  Row means
+    over every rank's N passages average over ranks to the global batch's value.
+    """
+    s = similarity(F.normalize(q, dim=-1), F.normalize(p, dim=-1))  # (B, N)
+    t = similarity(F.normalize(teacher_q.detach(), dim=-1), F.normalize(teacher_p.detach(), dim=-1)).to(s.dtype)
+    return ((s - t) ** 2).mean()

@@ -120,6 +120,10 @@ class TrainBatch:
     """In-context examples placed in this slice's queries."""
     group_size: int = 1
     """G: passages per query."""
+    query_texts: list[str] = field(default_factory=list)
+    """This rank's raw queries (no instruction), for teachers that embed text (loss.embed_distill_*)."""
+    passage_texts: list[str] = field(default_factory=list)
+    """This rank's raw passages in passage order."""
     rank: int = 0
     world_size: int = 1
     epoch: int = 0
@@ -276,6 +280,8 @@ def collate_groups(
         false_negative_mask=mask,
         num_false_negatives=n_false,
         num_same_document=n_same_doc,
+        query_texts=[groups[i].query for i in local],
+        passage_texts=local_passages,
         dataset=dataset,
         query_tokens=int(query["attention_mask"].sum()),
         passage_tokens=int(passage["attention_mask"].sum()),
