@@ -7,6 +7,10 @@ A checkpoint folder ``checkpoints/step-0000120/`` holds
   config.yaml             the resolved config
 It is written to a temporary folder and renamed: a crash at any point leaves
 the previous checkpoints intact and never a partial one that looks complete.
+
+``save_training_state`` / ``restore_training_state`` take the training's
+``denselm.parallel`` strategy, which gathers the full tensors to rank 0 (and
+shards them again on load): the files are the same for any world size and strategy.
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .model.encoder import BiEncoderModel
+    from .parallel import Strategy
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"
@@ -122,3 +133,40 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if not (path / COMPLETE_MARKER).exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
     return path
+
+
+def save_training_state(
+    output_dir: str | Path,
+    step: int,
+    strategy: Strategy,
+    model: BiEncoderModel,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    config_yaml: str,
+    keep_last: int,
+    protect: Path | None = None,
+) -> None:
+    """Every rank: gather the full trainable weights and optimizer state; rank 0 writes ``step-N``."""
+    tensors = strategy.trainable_state(model)
+    opt_state = strategy.optimizer_state(model, optimizer)
+    # Each rank's dropout RNG differs (seeded seed + rank): keep all of them.
+    rank_rng = strategy.all_gather_object(torch.get_rng_state().tolist())
+    if strategy.is_main:
+        save_checkpoint(output_dir, step, tensors, opt_state,
+                        {**trainer_state, "world_size": strategy.world_size, "rank_rng": rank_rng},
+                        config_yaml, keep_last, protect)
+    strategy.barrier()
+
+
+def restore_training_state(path: str | Path, strategy: Strategy, model: BiEncoderModel,
+                           optimizer: torch.optim.Optimizer) -> dict:
+    """Every rank: load a checkpoint's weights and optimizer state into the (wrapped) model; returns the trainer state."""
+    tensors, opt_state, state = load_checkpoint(path)
+    trainable = [n for n, p in strategy.unwrap(model.model).named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n not in tensors]
+    if missing:
+        raise ConfigError(f"--resume {path}: the checkpoint lacks trainable parameters, e.g. {missing[:3]} "
+                          "(a different model.lora or model config?)")
+    strategy.load_trainable(model, tensors)
+    strategy.load_optimizer_state(model, optimizer, opt_state)
+    return state
