@@ -232,8 +232,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         raise ConfigError(f"train.merge_lora is not supported with train.strategy {cfg.train.strategy}; "
                           "run denselm export afterwards")
     output_dir = Path(cfg.train.output_dir)
-    # Rank 0 picks the checkpoint (`latest` could differ between ranks listing a shared folder).
-    resume_path = strategy.broadcast_object(ckpt.resolve_resume(output_dir, resume) if strategy.is_main else None)
+    # Every rank checks the path (a bad one fails everywhere); rank 0's `latest` wins, as
+    # ranks listing a shared folder could see different newest checkpoints.
+    resume_path = strategy.broadcast_object(ckpt.resolve_resume(output_dir, resume))
     if resume is None and (output_dir / "model").exists():
         raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
     device = pick_device(cfg)
