@@ -248,7 +248,7 @@ class FSDP(Strategy):
                                  options=self._options(broadcast_from_rank0=False))
 
 
-def select(name: str, info: DistInfo | None = None) -> Strategy:
+def select(name: str, info: DistInfo | None = None, owns_group: bool = False) -> Strategy:
     """The strategy for ``train.strategy`` ``name`` ("ddp" or "fsdp") at this world size.
 
     One process is always ``Single``: there is nothing to wrap or gather.
@@ -257,8 +257,8 @@ def select(name: str, info: DistInfo | None = None) -> Strategy:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     info = info if info is not None else distributed.info()
     if info.world_size == 1:
-        return Single(info)
-    return {"ddp": DDP, "fsdp": FSDP}[name](info)
+        return Single(info, owns_group)
+    return {"ddp": DDP, "fsdp": FSDP}[name](info, owns_group)
 
 
 def setup(name: str = "ddp", backend: str | None = None) -> Strategy:
@@ -266,8 +266,6 @@ def setup(name: str = "ddp", backend: str | None = None) -> Strategy:
 
     ``teardown()`` on the result destroys the group again if this call created it.
     """
-    created = not distributed.is_initialized()
+    existed = distributed.is_initialized()
     info = distributed.init_from_env(backend)
-    strategy = select(name, info)
-    strategy._owns_group = created and distributed.is_initialized()
-    return strategy
+    return select(name, info, owns_group=not existed and distributed.is_initialized())
