@@ -148,6 +148,8 @@ def save_training_state(
 ) -> None:
     """Every rank: gather the full trainable weights and optimizer state; rank 0 writes ``step-N``."""
     tensors = strategy.trainable_state(model)
+    if strategy.is_main:
+        tensors = tensors | head_state(model)
     opt_state = strategy.optimizer_state(model, optimizer)
     # Each rank's dropout RNG differs (seeded seed + rank): keep all of them.
     rank_rng = strategy.all_gather_object(torch.get_rng_state().tolist())
@@ -162,11 +164,48 @@ def restore_training_state(path: str | Path, strategy: Strategy, model: BiEncode
                            optimizer: torch.optim.Optimizer) -> dict:
     """Every rank: load a checkpoint's weights and optimizer state into the (wrapped) model; returns the trainer state."""
     tensors, opt_state, state = load_checkpoint(path)
+    load_trainable(model, tensors, strategy, path)
+    strategy.load_optimizer_state(model, optimizer, opt_state)
+    return state
+
+
+def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor], strategy: Strategy | None = None,
+                   path: str | Path = "checkpoint") -> None:
+    """A checkpoint's ``trainable.safetensors`` tensors into the model: the distillation head,
+    then the backbone's trainable parameters (sharded again by the strategy)."""
+    if strategy is None:
+        from .parallel import Single
+
+        strategy = Single()
+    tensors = dict(tensors)
+    _load_head(model, {k[len(HEAD_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(HEAD_PREFIX)]},
+               path)
     trainable = [n for n, p in strategy.unwrap(model.model).named_parameters() if p.requires_grad]
     missing = [n for n in trainable if n not in tensors]
     if missing:
         raise ConfigError(f"--resume {path}: the checkpoint lacks trainable parameters, e.g. {missing[:3]} "
                           "(a different model.lora or model config?)")
     strategy.load_trainable(model, tensors)
-    strategy.load_optimizer_state(model, optimizer, opt_state)
-    return state
+
+
+HEAD_PREFIX = "denselm.embed_distill."
+"""Checkpoint names of the distillation head (trained, resumed, never exported)."""
+
+
+def head_state(model: BiEncoderModel) -> dict[str, torch.Tensor]:
+    """The embedding-distillation head's parameters: outside the backbone (and its wrapper), the same on every rank."""
+    if model.embed_distill is None:
+        return {}
+    return {HEAD_PREFIX + n: p.detach() for n, p in model.embed_distill.named_parameters()}
+
+
+def _load_head(model: BiEncoderModel, head: dict[str, torch.Tensor], path) -> None:
+    if model.embed_distill is None:
+        return
+    params = dict(model.embed_distill.named_parameters())
+    if set(head) != set(params):
+        raise ConfigError(f"--resume {path}: the checkpoint lacks the embedding-distillation head "
+                          f"{sorted(set(params) - set(head))}")
+    with torch.no_grad():
+        for name, value in head.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -101,6 +101,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         position_ids=cfg.model.position_ids,
         packing=cfg.model.packing,
         manifest=manifest,
+        loss_options=cfg.loss.options(),
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -134,7 +135,27 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def micro_batches(batch, accum: int, cross_device: bool) -> list[dict]:
+def build_teacher(cfg: Config, model: BiEncoderModel):
+    """loss.embed_distill_*: the cached teacher embedder, and the model's distillation head (None when off)."""
+    if not cfg.loss.embeds_distilled:
+        return None
+    from .teacher_embeddings import TeacherEmbeddings
+
+    teacher = TeacherEmbeddings(cfg.loss.embed_distill_teacher, cfg.loss.embed_distill_cache)
+    model.enable_embedding_distillation(teacher.dim, cfg.loss.embed_distill_weight,
+                                        cfg.loss.similarity_distill_weight, cfg.loss.embed_distill_distance)
+    return teacher
+
+
+def teacher_batch(teacher, batch, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(queries (B, Dt), passages (B * G, Dt)) teacher embeddings of this rank's batch (cached on disk)."""
+    if teacher is None:
+        return None
+    return (torch.from_numpy(teacher.embed(batch.query_texts)).to(device),
+            torch.from_numpy(teacher.embed(batch.passage_texts)).to(device))
+
+
+def micro_batches(batch, accum: int, cross_device: bool, teacher_embeddings=None) -> list[dict]:
     """Split this rank's step batch into ``accum`` model inputs of B queries each.
 
     Rows keep the step batch's padding (so positions, hence numbers, are those of
@@ -164,6 +185,8 @@ def micro_batches(batch, accum: int, cross_device: bool) -> list[dict]:
             "messages": batch.messages,
             "teacher_scores": None if batch.teacher_scores is None else batch.teacher_scores[p_rows],
             "false_negative_mask": fn,
+            **({} if teacher_embeddings is None else
+               {"teacher_embeddings": (teacher_embeddings[0][q_rows], teacher_embeddings[1][p_rows])}),
         })
     return out
 
@@ -249,7 +272,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         logger.info(dataset.summary())
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * dataset.steps_per_epoch)
 
-    model = strategy.wrap(build_model(cfg, tokenizer, added_tokens).to(device), device)
+    model = build_model(cfg, tokenizer, added_tokens)
+    teacher = build_teacher(cfg, model)
+    model = strategy.wrap(model.to(device), device)
     torch.manual_seed(cfg.train.seed + rank)  # dropout: each rank its own masks
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -298,7 +323,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         # ---- one optimizer step: accumulate micro-batches (ranks sync on the last one)
         loss_sum, parts = 0.0, {}
         batch = next(batches).to(device, non_blocking=True)
-        for micro, mb in enumerate(micro_batches(batch, accum, model.negatives_cross_device)):
+        teacher_emb = teacher_batch(teacher, batch, device)
+        for micro, mb in enumerate(micro_batches(batch, accum, model.negatives_cross_device, teacher_emb)):
             # Gradient caching suspends sync itself, chunk by chunk, and syncs its last chunk.
             sync = micro == accum - 1 or cfg.loss.grad_cache
             with strategy.no_sync(model, enabled=not sync):
@@ -316,6 +342,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 + (f" ({ckpt.list_checkpoints(output_dir)[-1]})" if ckpt.list_checkpoints(output_dir) else "")
                 + ". Try a lower train.lr, train.precision bf16 instead of fp16, or a larger model.temperature."
             )
+        if model.embed_distill is not None:  # outside the wrapped backbone: average its gradient here
+            distributed.all_reduce_grads_mean(model.embed_distill.parameters())
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm
                      else torch.tensor(0.0))
@@ -330,6 +358,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
+                  "same_document_masked": batch.num_same_document,
                   "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
