@@ -148,7 +148,8 @@ def test_training_checkpoints_the_projection_and_exports_none(tmp_path):
     assert not any("embed_distill" in k or "projection" in k for k in exported)
     # resume reads the head back
     from denselm.config import load_config
-    from denselm.train import build_model, build_teacher, build_tokenizer, load_trainable
+    from denselm.checkpoint import load_trainable
+    from denselm.train import build_model, build_teacher, build_tokenizer
 
     c = load_config(cfg)
     tok, added = build_tokenizer(c)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, gradcache, losses
+from ..parallel import base_model as _base_model_of
+from ..parallel import unwrap
 from ..data.tokenize import special_tokens
 from . import speedups
 from .speedups import packing as packing_lib
@@ -532,7 +534,7 @@ class BiEncoderModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Non-reentrant checkpointing (works with DDP, gradient caching and frozen inputs)."""
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        inner = self.model.module if hasattr(self.model, "module") else self.model
+        inner = unwrap(self.model)
         inner.gradient_checkpointing_enable(**kwargs)
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
@@ -671,23 +673,6 @@ class BiEncoderModel(nn.Module):
         model = cls(model=backbone, tokenizer=tokenizer, manifest=extra, **kwargs)
         model.eval()
         return model
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Strip DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
-def _base_model_of(module: nn.Module) -> nn.Module:
-    if hasattr(module, "get_base_model"):
-        return module.get_base_model()
-    return module
 
 
 def _base_model_path(module: nn.Module) -> str | None:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...parallel import base_model
 from ..backbone import decoder_layers
 from ..pooling import pool_packed
 from .common import SharedSwitch, swapped
@@ -282,12 +283,7 @@ def register_attention() -> None:
 
 
 def _config(backbone: nn.Module):
-    while not hasattr(backbone, "config") and isinstance(getattr(backbone, "module", None), nn.Module):
-        backbone = backbone.module  # DDP / FSDP wrappers
-    config = getattr(backbone, "config", None)
-    if config is None and hasattr(backbone, "get_base_model"):
-        config = getattr(backbone.get_base_model(), "config", None)
-    return config
+    return getattr(base_model(backbone), "config", None)  # under DDP / peft wrappers
 
 
 def config_attn_implementation(backbone: nn.Module) -> str | None:
