@@ -444,8 +444,10 @@ class BiEncoderModel(nn.Module):
         if res.masks:
             any_mask = torch.stack(list(res.masks.values())).any(0)
             res.masks["any"] = any_mask
+        metrics["masked/false_negatives"] = 0.0  # the same keys on every rank, mask or not (logs all-reduce them)
         for name, m in res.masks.items():
             metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        metrics.setdefault("masked/any", 0.0)
         return res.loss, res.scores
 
     def _local_masks(self, raw_local, teacher, fn_local, metrics):
@@ -458,6 +460,7 @@ class BiEncoderModel(nn.Module):
             masks["margin"] = losses.margin_mask(raw_local, raw_local[:, 0], opts.margin)
         if opts.teacher_margin is not None and teacher is not None:
             masks["teacher_margin"] = teacher.detach() > teacher[:, :1].detach() + opts.teacher_margin  # (B, G)
+        metrics["masked/false_negatives"] = 0.0  # the same keys on every rank, mask or not
         masks = {k: v for k, v in masks.items() if v is not None}
         combined = torch.stack(list(masks.values())).any(0)
         masks["any"] = combined
