@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
+from . import errors
 from .data.config import DataConfig
+from .model import speedups
 
-
-class ConfigError(ValueError):
-    """A bad key or value; the message names it."""
+ConfigError = errors.ConfigError  # a bad key or value; the message names it
 
 
 @dataclass
@@ -277,17 +277,10 @@ class Config:
     """Evaluation during training."""
 
     def __post_init__(self):
-        if self.train.cache_frozen_layers:
-            if not (self.model.lora.enabled and self.model.lora.top_layers):
-                raise ConfigError("train.cache_frozen_layers needs model.lora.top_layers (the layers below "
-                                  "the adapted ones are what is cached)")
-            if not self.model.packing and self.model.position_ids != "from_zero":
-                raise ConfigError("train.cache_frozen_layers needs model.position_ids: from_zero (or model.packing: "
-                                  "true): with end_aligned a text's hidden states depend on its batch")
-            if self.train.strategy == "fsdp":
-                raise ConfigError("train.cache_frozen_layers is not supported with train.strategy: fsdp")
-            if self.train.cache_max_gb <= 0:
-                raise ConfigError(f"train.cache_max_gb must be > 0, got {self.train.cache_max_gb}")
+        # Which speed-ups combine with which settings: the one table in denselm.model.speedups.
+        speedups.validate(self)
+        if self.train.cache_frozen_layers and self.train.cache_max_gb <= 0:
+            raise ConfigError(f"train.cache_max_gb must be > 0, got {self.train.cache_max_gb}")
 
     def validate_paths(self) -> None:
         if not self.model.name_or_path:

@@ -29,8 +29,9 @@ from torch import nn
 
 from .. import distributed, gradcache, losses
 from ..data.tokenize import special_tokens
-from . import packing as packing_lib
-from .pooled_only import last_mlp_only_at, pooled_positions
+from . import speedups
+from .speedups import packing as packing_lib
+from .speedups.pooled_only import last_mlp_only_at, pooled_positions
 from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class BiEncoderModel(nn.Module):
       position_ids: "end_aligned" gives each row's last real token the position a
         left-padded batch gives it (the seed's numbers, for either padding side);
         "from_zero" starts every sequence at 0 (batch-independent; packing uses it).
-      packing: padding-free encoding (see ``denselm.model.packing``): each batch (or
+      packing: padding-free encoding (see ``denselm.model.speedups.packing``): each batch (or
         sub-batch / gradient-cache chunk) is packed into rows of at most
         ``packing_max_tokens`` real tokens; implies ``position_ids="from_zero"``.
       manifest: extra inference settings saved by ``save`` (templates, max lengths...).
@@ -196,16 +197,13 @@ class BiEncoderModel(nn.Module):
         self.prefix_cache = None
 
     def enable_prefix_cache(self, num_frozen: int, max_bytes: int = 8 << 30):
-        """Compute blocks ``0 .. num_frozen-1`` once per distinct text (see ``denselm.model.prefix_cache``).
+        """Compute blocks ``0 .. num_frozen-1`` once per distinct text (see ``denselm.model.speedups.prefix_cache``).
 
         Needs every trainable parameter above them and batch-independent positions."""
-        from .prefix_cache import FrozenPrefixCache
+        from .speedups.prefix_cache import FrozenPrefixCache
 
-        if self.position_policy != "from_zero":
-            raise ValueError(
-                "the frozen-prefix cache needs position_ids='from_zero' (or packing): with 'end_aligned' "
-                "a text's positions, hence its hidden states, depend on the batch it is in"
-            )
+        speedups.validate({"train.cache_frozen_layers": True, "model.position_ids": self.position_policy,
+                           "model.packing": self.packing})
         self.prefix_cache = FrozenPrefixCache(unwrap(self.model), num_frozen, max_bytes)
         return self.prefix_cache
 
