@@ -370,6 +370,7 @@ class BiEncoderModel(nn.Module):
         opts = self.loss_options
         raw_local = losses.group_scores(q_reps, p_reps, G)  # (B, G) before the temperature
         local = raw_local / self.temperature  # (B, G)
+        all_p = p_reps  # (N, D): the passages scored against
         if mode == "normal":
             if cross:
                 all_p = distributed.all_gather_with_grad(p_reps)  # (W * B * G, D)
@@ -416,9 +417,8 @@ class BiEncoderModel(nn.Module):
             tq, tp = (torch.as_tensor(t, device=q_reps.device) for t in teacher_embeddings)  # (B, Dt), (B * G, Dt)
             # the similarity term scores the passages the contrastive loss does (all ranks' in "normal" mode)
             gather = cross and mode == "normal"
-            all_p = distributed.all_gather_with_grad(p_reps) if gather else p_reps
             all_tp = distributed.all_gather_with_grad(tp.contiguous()) if gather else tp
-            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p, all_tp)
+            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p if gather else p_reps, all_tp)
             metrics.update(parts)
             loss = loss + ed
         if cross:
