@@ -334,6 +334,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             loss_sum += float(out.loss.detach())
             for k, v in out.metrics.items():
                 parts[k] = parts.get(k, 0.0) + v / accum
+        for k in sorted(k for k in parts if k.startswith("masked/")):  # the global batch's fraction, not rank 0's
+            parts[k] = float(distributed.all_reduce_mean(torch.tensor(parts[k], dtype=torch.float64)))
         fn_count, real_tokens = batch.num_false_negatives, batch.query_tokens + batch.passage_tokens
         loss_value = float(distributed.all_reduce_mean(torch.tensor(loss_sum / accum, dtype=torch.float64)))
         if not math.isfinite(loss_value):

@@ -372,6 +372,7 @@ class BiEncoderModel(nn.Module):
         opts = self.loss_options
         raw_local = losses.group_scores(q_reps, p_reps, G)  # (B, G) before the temperature
         local = raw_local / self.temperature  # (B, G)
+        all_p = p_reps  # (N, D): the passages scored against
         if mode == "normal":
             if cross:
                 all_p = distributed.all_gather_with_grad(p_reps)  # (W * B * G, D)
@@ -418,9 +419,8 @@ class BiEncoderModel(nn.Module):
             tq, tp = (torch.as_tensor(t, device=q_reps.device) for t in teacher_embeddings)  # (B, Dt), (B * G, Dt)
             # the similarity term scores the passages the contrastive loss does (all ranks' in "normal" mode)
             gather = cross and mode == "normal"
-            all_p = distributed.all_gather_with_grad(p_reps) if gather else p_reps
             all_tp = distributed.all_gather_with_grad(tp.contiguous()) if gather else tp
-            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p, all_tp)
+            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p if gather else p_reps, all_tp)
             metrics.update(parts)
             loss = loss + ed
         if cross:
@@ -444,8 +444,10 @@ class BiEncoderModel(nn.Module):
         if res.masks:
             any_mask = torch.stack(list(res.masks.values())).any(0)
             res.masks["any"] = any_mask
+        metrics["masked/false_negatives"] = 0.0  # the same keys on every rank, mask or not (logs all-reduce them)
         for name, m in res.masks.items():
             metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        metrics.setdefault("masked/any", 0.0)
         return res.loss, res.scores
 
     def _local_masks(self, raw_local, teacher, fn_local, metrics):
@@ -458,6 +460,7 @@ class BiEncoderModel(nn.Module):
             masks["margin"] = losses.margin_mask(raw_local, raw_local[:, 0], opts.margin)
         if opts.teacher_margin is not None and teacher is not None:
             masks["teacher_margin"] = teacher.detach() > teacher[:, :1].detach() + opts.teacher_margin  # (B, G)
+        metrics["masked/false_negatives"] = 0.0  # the same keys on every rank, mask or not
         masks = {k: v for k, v in masks.items() if v is not None}
         combined = torch.stack(list(masks.values())).any(0)
         masks["any"] = combined
