@@ -1,4 +1,6 @@
-"""The one place where world size matters: process-group set-up and gathering with gradients.
+"""Rank info, process-group set-up and the tensor collectives of the loss (gathering with gradients).
+
+Wrapping the model for N processes, unwrapping it and its full state dicts are ``denselm.parallel``'s.
 
 Cross-device negatives, done right.  Each rank r holds B queries and B * G
 passages.  We all-gather passages *with autograd* (the backward of
@@ -111,3 +113,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         v = v.cuda()
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
     return (v / dist.get_world_size()).to(value.device)
+
+
+def all_reduce_grads_mean(params) -> None:
+    """Average gradients over ranks for parameters outside DDP (e.g. a loss's own projection)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= dist.get_world_size()

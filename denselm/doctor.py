@@ -11,7 +11,9 @@ Per dataset (one JSONL file), in one streaming pass plus a few random reads:
   pair >= ``--threshold``, default 0.9);
 - leakage against ``--eval`` (a BEIR folder; default the config's ``eval.data``): a training
   query, positive or negative equal to an eval query or relevant passage (exact), with Jaccard
-  >= threshold (near), or holding >= threshold of a relevant passage's shingles (contained);
+  >= threshold (near), or holding >= threshold of an eval text's shingles (contained). A training
+  passage that merely quotes an eval query inside a longer text (documentation cross-references
+  do) is counted as ``query_mentions`` and is a warning, not a hard problem;
 - positives that are also negatives of the same line; sibling positives (a negative here that is
   another line's positive: normal for mined negatives, a false negative when that line has the
   same query);
@@ -28,14 +30,13 @@ positive used as a negative of its own query).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
 import zlib
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -51,17 +52,118 @@ MAX_EXAMPLES = 5
 """Sample items kept per finding in the report."""
 HARD_CHECKS = ("leakage", "positive_as_negative")
 
-_WORD = re.compile(r"\w+")
 _U64 = np.uint64
 _MASK32 = _U64(0xFFFFFFFF)
 
 
 # ------------------------------------------------------------------------------------ text -> shingles
+#
+# Texts are analysed in batches, in numpy: the batch is joined with NUL separators, lowercased and
+# encoded once; a word is a run of ASCII letters, digits, '_' or any non-ASCII byte (so case,
+# punctuation and spacing do not make two texts differ). Word hashes are polynomial hashes over
+# the bytes, read off prefix sums (mod 2^64; R is odd, so R^-1 exists mod 2^64). A text's key hashes
+# its word sequence the same way; its shingles hash each run of n consecutive words.
+
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _c in b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_":
+    _WORD_BYTE[_c] = True
+_WORD_BYTE[128:] = True
+_R = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)  # odd bases: bytes -> word hash, words -> text key
+_R_INV = tuple(pow(r, -1, 2**64) for r in _R)
+_POWERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+# random odd multipliers of the shingle hashes; fixed so reports are reproducible
+_RNG = np.random.default_rng(20261202)
+_SHINGLE_MULT = (_RNG.integers(1, 2**63, size=64, dtype=np.uint64) * _U64(2) + _U64(1))
+
+
+def _powers(which: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(R^i, R^-i) for i < length, uint64 (mod 2^64), cached and grown by doubling."""
+    have = _POWERS.get(which)
+    if have is None or len(have[0]) < length:
+        size = max(1 << 16, 1 << (length - 1).bit_length())
+        out = []
+        for base in (_R[which], _R_INV[which]):
+            x = np.full(size, base, dtype=np.uint64)
+            x[0] = 1
+            with np.errstate(over="ignore"):
+                out.append(np.cumprod(x, dtype=np.uint64))  # wraps mod 2^64
+        _POWERS[which] = have = (out[0], out[1])
+    return have
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit reaches every output bit (uint64 in, uint64 out)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> _U64(30))
+        x = x * _U64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> _U64(27))
+        x = x * _U64(0x94D049BB133111EB)
+        return x ^ (x >> _U64(31))
+
+
+def _range_hash(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, which: int) -> np.ndarray:
+    """Polynomial hash of values[s:e] for each (s, e): (P[e] - P[s]) * R^-s with P the prefix sums of values * R^i."""
+    pw, inv = _powers(which, len(values) + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(values) + 1, dtype=np.uint64)
+        np.cumsum(values * pw[: len(values)], dtype=np.uint64, out=prefix[1:])
+        return (prefix[ends] - prefix[starts]) * inv[starts]
+
+
+def analyze(texts: Sequence[str], n: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys and distinct shingles of a batch of texts.
+
+    Returns ``keys`` (B,) uint64 (equal iff the word sequences are equal, up to 2^-64 collisions),
+    ``flat`` (S,) uint64 shingle hashes < 2^32, sorted within each text, and ``starts`` (B + 1,):
+    text i's shingles are ``flat[starts[i]:starts[i + 1]]``. A text of k < n words is one k-gram;
+    a text without words is one (empty) shingle, 0.
+    """
+    B = len(texts)
+    joined = "\x00".join(texts)
+    if joined.count("\x00") != B - 1:  # a NUL inside a text would split it
+        joined = "\x00".join(t.replace("\x00", " ") for t in texts)
+    buf = np.frombuffer(joined.lower().encode("utf-8", "surrogatepass"), dtype=np.uint8)  # (L,)
+    isw = _WORD_BYTE[buf]
+    edge = np.diff(np.concatenate([[False], isw, [False]]).astype(np.int8))
+    ws, we = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)  # (W,) word byte ranges
+    sep = np.flatnonzero(buf == 0)  # (B - 1,) text boundaries
+    owner = np.searchsorted(sep, ws)  # (W,) text index of each word
+    with np.errstate(over="ignore"):
+        wh = _mix64(_range_hash(buf.astype(np.uint64) + _U64(1), ws, we, 0))  # (W,) word hashes
+    first = np.searchsorted(owner, np.arange(B))  # (B,) first word of each text
+    last = np.searchsorted(owner, np.arange(B), side="right")  # (B,) one past its last word
+    count = last - first
+    with np.errstate(over="ignore"):
+        keys = _mix64(_range_hash(wh, first, last, 1) + count.astype(np.uint64))  # (B,)
+
+    k = np.minimum(count, n)  # (B,) shingle width per text (n, or all words of a short text)
+    # window starts: every word i with i + n - 1 in the same text; short texts: their first word
+    W = len(wh)
+    full = np.zeros(W, dtype=bool)
+    if W >= n:
+        full[: W - n + 1] = owner[: W - n + 1] == owner[n - 1 :]
+    short_starts = first[(count > 0) & (count < n)]
+    starts_w = np.concatenate([np.flatnonzero(full), short_starts])  # (S0,)
+    width = np.concatenate([np.full(int(full.sum()), n), k[owner[short_starts]] if len(short_starts) else []]).astype(np.int64)
+    acc = np.zeros(len(starts_w), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):  # position-weighted sum of word hashes, mod 2^64
+            take = width > j
+            acc[take] += wh[starts_w[take] + j] * _SHINGLE_MULT[j]
+        sh = _mix64(acc + width.astype(np.uint64)) >> _U64(32)  # (S0,) < 2^32
+    owners = np.concatenate([owner[starts_w], np.flatnonzero(count == 0)]).astype(np.uint64)
+    sh = np.concatenate([sh, np.zeros(int((count == 0).sum()), dtype=np.uint64)])
+    combined = np.sort((owners << _U64(32)) | sh)  # by text, then shingle
+    combined = combined[np.r_[True, combined[1:] != combined[:-1]]]  # distinct
+    flat = combined & _MASK32
+    starts = np.searchsorted(combined >> _U64(32), np.arange(B + 1, dtype=np.uint64))
+    return keys, flat, starts
 
 
 def words(text: str) -> list[str]:
-    """Lowercased word tokens: what "same text" means here (case, punctuation and spacing ignored)."""
-    return _WORD.findall(text.lower())
+    """The words of a text as ``analyze`` sees them (for reading; the checks hash them in numpy)."""
+    return [w.decode("utf-8", "replace") for w in re.findall(rb"[0-9a-z_\x80-\xff]+", text.lower().encode("utf-8"))]
 
 
 def example_text(query: str, positives: Sequence[str]) -> str:
@@ -71,35 +173,13 @@ def example_text(query: str, positives: Sequence[str]) -> str:
 
 def text_key(text: str) -> int:
     """64-bit key of the normalised text (exact-duplicate and exact-leakage identity)."""
-    return int.from_bytes(hashlib.blake2b(" ".join(words(text)).encode(), digest_size=8).digest(), "little")
-
-
-# random odd multipliers of the shingle and permutation hashes; fixed so reports are reproducible
-_RNG = np.random.default_rng(20261202)
-_SHINGLE_MULT = (_RNG.integers(1, 2**63, size=64, dtype=np.uint64) * _U64(2) + _U64(1))
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every input bit reaches every output bit (uint64 in, uint64 out)."""
-    x = x ^ (x >> _U64(30))
-    x = x * _U64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> _U64(27))
-    x = x * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
+    return int(analyze([text])[0][0])
 
 
 def shingles(text: str, n: int = 5) -> np.ndarray:
-    """(S,) uint64 hashes (< 2^32) of the distinct word n-grams; a text of k < n words is one k-gram."""
-    ws = words(text)
-    if not ws:
-        return np.zeros(1, dtype=np.uint64)  # every empty text is the same (empty) shingle
-    h = np.fromiter((zlib.crc32(w.encode()) for w in ws), dtype=np.uint64, count=len(ws))  # (W,)
-    k = min(n, len(ws))
-    with np.errstate(over="ignore"):
-        acc = np.zeros(len(ws) - k + 1, dtype=np.uint64)
-        for j in range(k):  # position-weighted sum of word hashes, mod 2^64, then mixed
-            acc += h[j : len(ws) - k + 1 + j] * _SHINGLE_MULT[j]
-        return np.unique(_mix64(acc) >> _U64(32))
+    """(S,) uint64 hashes (< 2^32) of the distinct word n-grams of one text (see ``analyze``)."""
+    _, flat, _ = analyze([text], n)
+    return flat
 
 
 class MinHasher:
@@ -117,20 +197,20 @@ class MinHasher:
         self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * _U64(2) + _U64(1)  # (P,) odd
         self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)  # (P,)
 
-    def signatures(self, shingle_sets: Sequence[np.ndarray], chunk: int = 32768) -> np.ndarray:
-        """(B, P) uint16 signatures of B non-empty shingle arrays."""
-        out = np.empty((len(shingle_sets), self.num_perm), dtype=np.uint16)
+    def signatures(self, flat: np.ndarray, starts: np.ndarray, chunk: int = 32768) -> np.ndarray:
+        """(B, P) uint16 signatures of B texts given as ``analyze`` returns them (each >= 1 shingle)."""
+        B = len(starts) - 1
+        out = np.empty((B, self.num_perm), dtype=np.uint16)
         i = 0
-        while i < len(shingle_sets):
-            j, total = i, 0
-            while j < len(shingle_sets) and (total == 0 or total + len(shingle_sets[j]) <= chunk):
-                total += len(shingle_sets[j])
-                j += 1
-            flat = np.concatenate(shingle_sets[i:j])  # (M,)
-            starts = np.cumsum([0] + [len(s) for s in shingle_sets[i : j - 1]])  # (j - i,)
+        while i < B:  # texts i..j-1 hold at most `chunk` shingles (or one text holds more)
+            j = max(i + 1, int(np.searchsorted(starts, starts[i] + chunk, side="right")) - 1)
+            seg = flat[starts[i] : starts[j]]  # (M,)
+            vals = np.empty((self.num_perm, len(seg)), dtype=np.uint64)  # (P, M): the min runs along rows
             with np.errstate(over="ignore"):
-                vals = (flat[:, None] * self.a[None, :] + self.b[None, :]) >> _U64(32)  # (M, P)
-            out[i:j] = np.minimum.reduceat(vals, starts, axis=0).astype(np.uint16)  # low 16 bits
+                np.multiply(self.a[:, None], seg[None, :], out=vals)
+                vals += self.b[:, None]
+            vals >>= _U64(32)
+            out[i:j] = np.minimum.reduceat(vals, starts[i:j] - starts[i], axis=1).T  # low 16 bits kept
             i = j
         return out
 
@@ -160,10 +240,10 @@ def lsh_candidate_pairs(sigs: np.ndarray, bands: int, rows: int, max_bucket: int
             key = _mix64((block * mult[None, :]).sum(axis=1, dtype=np.uint64) + _U64(band))  # (N,)
         order = np.argsort(key, kind="stable")
         sk = key[order]
-        cut = np.flatnonzero(np.diff(sk) != 0) + 1
-        for grp in np.split(order, cut):
-            if len(grp) < 2:
-                continue
+        cut = np.flatnonzero(sk[1:] != sk[:-1]) + 1
+        lo, hi = np.r_[0, cut], np.r_[cut, n]
+        for g in np.flatnonzero(hi - lo >= 2):  # only shared buckets reach Python
+            grp = order[lo[g] : hi[g]]
             if len(grp) <= max_bucket:
                 a, b = np.triu_indices(len(grp), 1)
                 pairs.append(np.stack([grp[a], grp[b]], axis=1))
@@ -215,24 +295,25 @@ def build_eval_index(folder: str | Path, split: str = "test", n: int = 5) -> Eva
     for did, text in zip(data.corpus_ids, data.corpus_texts):
         if did in relevant:
             kinds.append("passage"), ids.append(did), texts.append(text)
-    sh = [shingles(t, n) for t in texts]
+    keys, flat, starts = analyze(texts, n) if texts else (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(1, np.int64))
+    sh = [flat[starts[i] : starts[i + 1]] for i in range(len(texts))]
     exact: dict[int, list[int]] = {}
     postings: dict[int, list[int]] = {}
-    for row, (t, s) in enumerate(zip(texts, sh)):
-        exact.setdefault(text_key(t), []).append(row)
+    for row, (k, s) in enumerate(zip(keys.tolist(), sh)):
+        exact.setdefault(k, []).append(row)
         for x in s.tolist():
             postings.setdefault(x, []).append(row)
-    allsh = np.unique(np.concatenate(sh)) if sh else np.zeros(0, np.uint64)
-    return EvalIndex(kinds, ids, sh, exact, postings, allsh, str(folder))
+    return EvalIndex(kinds, ids, sh, exact, postings, np.unique(flat), str(folder))
 
 
-def leakage_matches(index: EvalIndex, text_shingles: Sequence[np.ndarray], keys: Sequence[int],
+def leakage_matches(index: EvalIndex, keys: Sequence[int], flat: np.ndarray, starts: np.ndarray,
                     threshold: float) -> list[list[tuple[int, str, float]]]:
-    """For each training text: [(eval row, "exact" | "near" | "contained", jaccard)].
+    """For each training text (``analyze`` output): [(eval row, "exact" | "near" | "contained", jaccard)].
 
     near: Jaccard >= threshold; contained: >= threshold of the eval text's shingles are in the
-    training text (an eval passage quoted inside a longer training passage). Only texts with a
-    shingle in common with some eval text reach the per-pair count (np.isin over the batch).
+    training text (an eval passage quoted inside a longer training passage; eval texts of >= 5
+    shingles). Only a text whose shingles could reach either bound (np.isin over the batch) gets
+    the per-eval-text count.
     """
     out: list[list[tuple[int, str, float]]] = [[] for _ in keys]
     for i, k in enumerate(keys):
@@ -240,14 +321,15 @@ def leakage_matches(index: EvalIndex, text_shingles: Sequence[np.ndarray], keys:
             out[i].append((row, "exact", 1.0))
     if not len(index.all_shingles) or not len(keys):
         return out
-    lengths = np.array([len(s) for s in text_shingles])
-    flat = np.concatenate(text_shingles)  # (M,)
-    hit = np.isin(flat, index.all_shingles, assume_unique=False)  # (M,)
-    hits_per_text = np.add.reduceat(hit.astype(np.int64), np.cumsum(np.r_[0, lengths[:-1]]))  # (T,)
-    starts = np.cumsum(np.r_[0, lengths[:-1]])
-    for i in np.flatnonzero(hits_per_text):
+    lengths = np.diff(starts)  # (T,)
+    hit = np.isin(flat, index.all_shingles)  # (M,)
+    hits = np.add.reduceat(hit.astype(np.int64), starts[:-1]) if len(flat) else np.zeros(len(keys), np.int64)  # (T,)
+    # |A n E| >= t |A| (near) or >= t |E| >= 5t (contained), and |A n E| <= hits
+    need = np.minimum(np.ceil(threshold * lengths - 1e-9), np.ceil(5 * threshold - 1e-9))
+    for i in np.flatnonzero((hits >= need) & (hits > 0)):
         counts: dict[int, int] = {}
-        for x in flat[starts[i] : starts[i] + lengths[i]][hit[starts[i] : starts[i] + lengths[i]]].tolist():
+        seg = slice(starts[i], starts[i + 1])
+        for x in flat[seg][hit[seg]].tolist():
             for row in index.postings[x]:
                 counts[row] = counts.get(row, 0) + 1
         done = {row for row, _, _ in out[i]}
@@ -258,7 +340,7 @@ def leakage_matches(index: EvalIndex, text_shingles: Sequence[np.ndarray], keys:
             jac = inter / (lengths[i] + e - inter)
             if jac >= threshold:
                 out[i].append((row, "near", jac))
-            elif e >= 5 and inter / e >= threshold:  # containment needs a passage of some length
+            elif e >= 5 and inter / e >= threshold:
                 out[i].append((row, "contained", jac))
     return out
 
@@ -281,20 +363,6 @@ class Settings:
     seed: int = 0
 
 
-def _line_offsets(path: str) -> tuple[str, list[int]]:
-    """(plain file path, byte offset of each non-blank line); a .gz is decompressed once into the cache."""
-    from denselm.data.formats import decompressed_copy
-
-    plain = str(decompressed_copy(path)) if path.endswith(".gz") else path
-    offsets, pos = [], 0
-    with open(plain, "rb") as f:
-        for raw in f:
-            if raw.strip():
-                offsets.append(pos)
-            pos += len(raw)
-    return plain, offsets
-
-
 def _read_lines(plain: str, offsets: Sequence[int], rows: Iterable[int]) -> dict[int, dict]:
     out = {}
     with open(plain, "rb") as f:
@@ -308,87 +376,116 @@ def check_dataset(path: str, settings: Settings, eval_index: EvalIndex | None = 
                   tokenizer=None, data_cfg=None, teacher_temperature: float = 1.0, encoder=None,
                   instruction: str | None = None) -> dict:
     """Every check on one dataset file; the report section as a JSON-able dict."""
+    from denselm.data.config import DataConfig
     from denselm.data.formats import parse_example
 
+    data_cfg = data_cfg or DataConfig()
+
     t0 = time.perf_counter()
-    plain, offsets = _line_offsets(path)
-    n = len(offsets)
-    if n == 0:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    line_nos = np.empty(n, dtype=np.int64)  # 1-based line of each example (for messages)
-    ex_keys = np.empty(n, dtype=np.uint64)
-    q_keys = np.empty(n, dtype=np.uint64)
+    from denselm.data.formats import decompressed_copy
+
+    plain = str(decompressed_copy(path)) if path.endswith(".gz") else path
+    offsets = array("q")  # byte offset of each example line (for the sampled re-reads)
+    line_nos = array("q")  # 1-based line of each example (for messages)
+    ex_keys = array("Q")  # key of each example's query + positives
+    q_keys = array("Q")
     # flat per-text keys and their rows: 8 bytes each (a line's negatives are contiguous, rows ascending)
     pos_keys, pos_rows, neg_keys, neg_rows = array("Q"), array("q"), array("Q"), array("q")
     pos_as_neg = []  # (row, negative index)
-    pos0_scores, neg_scores, gaps = [], [], []
+    pos0_scores, neg_scores, gaps = array("d"), array("d"), array("d")
     hasher = MinHasher(settings.num_perm, seed=settings.seed + 1)
     sig_blocks: list[np.ndarray] = []  # (b, P) uint16 MinHash signatures of the example texts
-    pending: list[np.ndarray] = []
-    leak_keys, leak_sh, leak_where = [], [], []  # distinct training texts to check, and (row, field)
-    checked: set[int] = set()
+    raw_keys: dict[int, int] = {}  # hash(raw text) -> key: a text repeated verbatim (negatives) is analysed once
+    checked: set[int] = set()  # keys already checked for leakage
     leaks: list[dict] = []
-    leak_counts = {"exact": 0, "near": 0, "contained": 0}
+    leak_counts = {"exact": 0, "near": 0, "contained": 0, "query_mentions": 0}
     leak_by_kind: dict[str, int] = {}
     file_type = None
+    batch: list = []  # (row, Example)
 
-    def flush_leaks():
-        if eval_index is None or not leak_keys:
-            return
-        for (row, fld), matches in zip(leak_where, leakage_matches(eval_index, leak_sh, leak_keys, settings.threshold)):
-            for erow, how, jac in matches:
-                leak_counts[how] += 1
-                kind = f"{fld}->{eval_index.kinds[erow]}"
-                leak_by_kind[kind] = leak_by_kind.get(kind, 0) + 1
-                if len(leaks) < 50:
-                    leaks.append({"line": int(line_nos[row]), "field": fld, "eval_kind": eval_index.kinds[erow],
-                                  "eval_id": eval_index.ids[erow], "match": how, "jaccard": round(float(jac), 4)})
-        leak_keys.clear(), leak_sh.clear(), leak_where.clear()
+    def process(batch):
+        # 1. keys of every text, analysing only texts not seen verbatim before
+        texts, where = [], []  # new distinct raw texts, and (row, field) of their first use
+        batch_new: dict[int, int] = {}
+        for row, ex in batch:
+            for fld, group in (("query", (ex.query,)), ("pos", ex.pos), ("neg", ex.neg)):
+                for t in group:
+                    h = hash(t)
+                    if h not in raw_keys and h not in batch_new:
+                        batch_new[h] = len(texts)
+                        texts.append(t), where.append((row, fld))
+        if texts:
+            keys, flat, starts = analyze(texts, settings.shingle)
+            key_list = keys.tolist()
+            for h, i in batch_new.items():
+                raw_keys[h] = key_list[i]
+            if eval_index is not None:  # 2. leakage of the texts whose key is new
+                fresh = [i for i, k in enumerate(key_list) if k not in checked]
+                checked.update(key_list)
+                if fresh:
+                    sel = np.array(fresh)
+                    sub_starts = np.concatenate([[0], np.cumsum(starts[sel + 1] - starts[sel])])
+                    sub_flat = np.concatenate([flat[starts[i] : starts[i + 1]] for i in fresh])
+                    matches = leakage_matches(eval_index, [key_list[i] for i in fresh], sub_flat, sub_starts,
+                                              settings.threshold)
+                    for i, found in zip(fresh, matches):
+                        for erow, how, jac in found:
+                            row, fld = where[i]
+                            leak_counts[how] += 1
+                            if how == "contained" and fld != "query" and eval_index.kinds[erow] == "query":
+                                leak_counts["query_mentions"] += 1
+                            kind = f"{fld}->{eval_index.kinds[erow]}"
+                            leak_by_kind[kind] = leak_by_kind.get(kind, 0) + 1
+                            if len(leaks) < 50:
+                                leaks.append({"line": int(line_nos[row]), "field": fld,
+                                              "eval_kind": eval_index.kinds[erow], "eval_id": eval_index.ids[erow],
+                                              "match": how, "jaccard": round(float(jac), 4)})
+        # 3. per line: keys, positives used as negatives
+        for row, ex in batch:
+            pk = [raw_keys[hash(p)] for p in ex.pos]
+            nk = [raw_keys[hash(t)] for t in ex.neg]
+            q_keys.append(raw_keys[hash(ex.query)])
+            pos_keys.extend(pk), pos_rows.extend([row] * len(pk))
+            neg_keys.extend(nk), neg_rows.extend([row] * len(nk))
+            own = set(pk)
+            pos_as_neg.extend((row, j) for j, k in enumerate(nk) if k in own)
+        # 4. example keys and MinHash signatures
+        keys, flat, starts = analyze([example_text(ex.query, ex.pos) for _, ex in batch], settings.shingle)
+        ex_keys.extend(keys.tolist())
+        sig_blocks.append(hasher.signatures(flat, starts))
 
-    line_no = 0
     row = 0
+    position = 0
     with open(plain, "rb") as f:
-        for raw in f:
-            line_no += 1
+        for line_no, raw in enumerate(f, start=1):
+            start, position = position, position + len(raw)
             if not raw.strip():
                 continue
             ex = parse_example(raw, f"{path}:{line_no}", needs_neg=False)  # DataError names FILE:LINE
             if file_type is None:
                 file_type = ex.type
-            line_nos[row] = line_no
-            qk = text_key(ex.query)
-            pk = [text_key(p) for p in ex.pos]
-            nk = [text_key(t) for t in ex.neg]
-            q_keys[row] = qk
-            ex_keys[row] = text_key(example_text(ex.query, ex.pos))
-            pos_keys.extend(pk), pos_rows.extend([row] * len(pk))
-            neg_keys.extend(nk), neg_rows.extend([row] * len(nk))
-            own = set(pk)
-            pos_as_neg.extend((row, j) for j, k in enumerate(nk) if k in own)
-            pending.append(shingles(example_text(ex.query, ex.pos), settings.shingle))
-            if len(pending) >= 4096:
-                sig_blocks.append(hasher.signatures(pending))
-                pending.clear()
+            offsets.append(start), line_nos.append(line_no)
             if ex.has_scores:
                 pos0_scores.append(ex.pos_scores[0])
                 neg_scores.extend(ex.neg_scores)
                 if ex.neg_scores:
                     gaps.append(ex.pos_scores[0] - max(ex.neg_scores))
-            if eval_index is not None:
-                for fld, texts, keys in (("query", [ex.query], [qk]), ("pos", ex.pos, pk), ("neg", ex.neg, nk)):
-                    for t, k in zip(texts, keys):
-                        if k in checked:  # each distinct text is checked once (negatives repeat a lot)
-                            continue
-                        checked.add(k)
-                        leak_keys.append(k), leak_sh.append(shingles(t, settings.shingle)), leak_where.append((row, fld))
-                if len(leak_keys) >= 4096:
-                    flush_leaks()
+            batch.append((row, ex))
             row += 1
-    flush_leaks()
-    if pending:
-        sig_blocks.append(hasher.signatures(pending))
+            if len(batch) >= 1024:
+                process(batch)
+                batch = []
+    if batch:
+        process(batch)
+    n = row
+    if n == 0:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    del raw_keys
+    line_nos = np.frombuffer(line_nos, dtype=np.int64)
+    ex_keys = np.frombuffer(ex_keys, dtype=np.uint64)
+    q_keys = np.frombuffer(q_keys, dtype=np.uint64)
     sigs_all = np.concatenate(sig_blocks)  # (N, P)
-    del sig_blocks, pending
+    del sig_blocks
 
     # ---- duplicates: exact by key, near by MinHash + LSH + exact Jaccard over first occurrences
     _, first, counts = np.unique(ex_keys, return_index=True, return_counts=True)
@@ -406,6 +503,7 @@ def check_dataset(path: str, settings: Settings, eval_index: EvalIndex | None = 
     # exact Jaccard of each candidate pair, from the re-read lines (few: near duplicates and LSH misses)
     cand_text = _read_lines(plain, offsets, reps[np.unique(cand)] if len(cand) else [])
     cand_sh = {r: shingles(example_text(o["query"], o["pos"]), settings.shingle) for r, o in cand_text.items()}
+
     parent = np.arange(len(reps))
 
     def find(i):
@@ -506,11 +604,12 @@ def truncation(tokenizer, cfg, lines: Sequence[dict], file_type: str | None, rng
 
     q_texts = ["".join(split_query(t, prompt_of(o), o["query"])) for o in lines]
     q_len = lengths(q_texts) + prefix + 1  # + BOS (if any) + the EOS we append
-    passages = list(dict.fromkeys(p for o in lines for p in [*o["pos"], *(o.get("neg") or [])]))
-    if spec.passages_like_queries:
-        p_texts = ["".join(split_query(t, cfg.prompt or "", p)) for p in passages]
+    if spec.passages_like_queries:  # symmetric tasks: passages get the line's instruction, as queries do
+        p_texts = list(dict.fromkeys("".join(split_query(t, prompt_of(o), p))
+                                     for o in lines for p in [*o["pos"], *(o.get("neg") or [])]))
     else:
-        p_texts = [format_passage(t, p, cfg.passage_prefix) for p in passages]
+        p_texts = [format_passage(t, p, cfg.passage_prefix)
+                   for p in dict.fromkeys(p for o in lines for p in [*o["pos"], *(o.get("neg") or [])])]
     p_len = lengths(p_texts) + prefix + 1
 
     def part(lens, limit):
@@ -559,8 +658,11 @@ def teacher_report(pos0: Sequence[float], negs: Sequence[float], gaps: Sequence[
     temps = sorted({float(temperature), *CANDIDATE_TEMPERATURES}, reverse=True)
     u = teacher_uniformity(groups, temps)
     ratio = u.mean_ratio.get(float(temperature), 0.0)
+    gaps = np.asarray(gaps, dtype=np.float64)
     return {"lines": len(pos0), "positive": _quantiles(pos0), "negative": _quantiles(negs),
-            "positive_minus_best_negative": _quantiles(gaps), "temperature": float(temperature),
+            "positive_minus_best_negative": _quantiles(gaps),
+            "lines_negative_above_positive": float((gaps < 0).mean()) if len(gaps) else 0.0,
+            "temperature": float(temperature),
             "entropy_ratio": {f"{k:g}": round(v, 4) for k, v in u.mean_ratio.items()},
             "entropy_ratio_at_temperature": round(ratio, 4), "near_uniform": bool(ratio > UNIFORM_WARNING),
             "suggested_temperature": u.suggested_temperature, "groups": u.num_groups}
@@ -607,9 +709,13 @@ def problems(r: dict) -> list[dict]:
         out.append({"severity": severity, "check": check, "message": message})
 
     leak = r.get("leakage")
-    if leak and (leak["exact"] or leak["near"] or leak["contained"]):
+    if leak and (leak["exact"] or leak["near"] or leak["contained"] > leak["query_mentions"]):
         add("hard", "leakage", f"{leak['exact']} exact, {leak['near']} near and {leak['contained']} contained matches "
                                f"with {leak['eval']} ({', '.join(f'{k}: {v}' for k, v in leak['by_kind'].items())})")
+    elif leak and leak["query_mentions"]:
+        # a passage quoting an eval question (a cross-reference) teaches no query -> answer pair
+        add("warning", "leakage", f"{leak['query_mentions']} training passages quote an eval query of {leak['eval']} "
+                                  "inside a longer text (no eval answer or query pair leaks)")
     pan = r["positive_as_negative"]
     if pan["negatives"]:
         add("hard", "positive_as_negative", f"{pan['negatives']} negatives in {pan['lines']} lines are a positive of "
@@ -635,6 +741,10 @@ def problems(r: dict) -> list[dict]:
                 if ts["suggested_temperature"] else "")
         add("warning", "teacher_scores", f"teacher scores near uniform at temperature {ts['temperature']:g} "
                                          f"(entropy ratio {ts['entropy_ratio_at_temperature']:.3f}){hint}")
+    if ts and ts["lines_negative_above_positive"] > 0.25:
+        add("warning", "teacher_scores", f"the teacher scores a negative above the positive in "
+                                         f"{ts['lines_negative_above_positive']:.1%} of lines (false negatives, or "
+                                         "positives the teacher does not recognise)")
     fn = r.get("false_negatives")
     if fn and fn["rate"] > 0.05:
         add("warning", "false_negatives", f"the model scores {fn['rate']:.1%} of sampled negatives above their positive")
@@ -675,7 +785,8 @@ def summary(report: dict) -> str:
         ts = r["teacher_scores"]
         if ts:
             lines.append(f"  teacher scores ({ts['lines']} lines): positive p50 {ts['positive']['p50']:.3f}, negative "
-                         f"p50 {ts['negative'].get('p50', float('nan')):.3f}; entropy ratio at T="
+                         f"p50 {ts['negative'].get('p50', float('nan')):.3f}, a negative above the positive in "
+                         f"{ts['lines_negative_above_positive']:.1%} of lines; entropy ratio at T="
                          f"{ts['temperature']:g}: {ts['entropy_ratio_at_temperature']:.3f}")
         fn = r["false_negatives"]
         if fn:

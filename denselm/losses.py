@@ -299,3 +299,84 @@ def extended_contrastive_loss(
         log_z = torch.stack([torch.logsumexp(v, dim=1) for v in logits.values()]).mean(0)
     loss = (log_z - positive_logit).mean()
     return ContrastiveResult(loss=loss, scores=raw / temperature, masks=applied)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The contrastive options beyond the seed, as the model's forward passes them to the losses.
+
+    Defaults reproduce the seed's loss (and the model then takes the seed's code path).
+    """
+
+    margin: float | None = None
+    """Mask in-batch passages scoring above the positive + margin (raw similarity); None = off."""
+    teacher_margin: float | None = None
+    """Mask own-group negatives the teacher scores above its positive + this (teacher's scale); None = off."""
+    directions: tuple[str, ...] = ("query_to_doc",)
+    """Terms of the softmax denominator (see extended_contrastive_loss)."""
+    partition_mode: str = "joint"
+    """joint (one softmax) or per_direction."""
+    hardness_mode: str | None = None
+    """in_batch_negatives, hard_negatives, all_negatives or None."""
+    hardness_strength: float = 0.0
+    """alpha of the hardness weights exp(alpha * s)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "directions", tuple(self.directions))
+        if "query_to_doc" not in self.directions or not set(self.directions) <= set(DIRECTIONS):
+            raise ValueError(f"directions must include 'query_to_doc' and be among {DIRECTIONS}, got {self.directions}")
+        if self.partition_mode not in PARTITION_MODES:
+            raise ValueError(f"partition_mode must be one of {PARTITION_MODES}, got {self.partition_mode!r}")
+        if self.partition_mode == "per_direction" and set(self.directions) & {"query_to_query", "doc_to_doc"}:
+            raise ValueError("partition_mode per_direction only works with query_to_doc and doc_to_query")
+        if self.hardness_mode is not None and self.hardness_mode not in HARDNESS_MODES:
+            raise ValueError(f"hardness_mode must be one of {HARDNESS_MODES} or None, got {self.hardness_mode!r}")
+        if self.hardness_strength < 0:
+            raise ValueError(f"hardness_strength must be >= 0, got {self.hardness_strength}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == LossOptions()
+
+    @property
+    def needs_all_queries(self) -> bool:
+        """The query-indexed terms need every process's queries (gathered with gradients)."""
+        return bool(set(self.directions) & {"query_to_query", "doc_to_query"})
+
+
+# ------------------------------------------------------- embedding distillation
+EMBED_DISTANCES = ("cosine", "mse", "l2")
+
+
+def embedding_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Distance between (projected) student embeddings and the teacher's, mean over rows. (n, Dt) each.
+
+    ``cosine``: 1 - cos (bounded; sentence-transformers' EmbedDistillLoss default),
+    ``mse``: mean squared error per coordinate, ``l2``: Euclidean distance (EmbedDistill).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student embeddings {tuple(student.shape)} vs teacher {tuple(teacher.shape)}: "
+                         "project the student to the teacher's width first")
+    t = teacher.detach().to(student.dtype)
+    if distance == "cosine":
+        return (1 - F.cosine_similarity(student, t, dim=-1)).mean()
+    if distance == "mse":
+        return F.mse_loss(student, t)
+    if distance == "l2":
+        return (student - t).norm(dim=-1).mean()
+    raise ValueError(f"distance must be one of {EMBED_DISTANCES}, got {distance!r}")
+
+
+def similarity_distillation_loss(
+    q: torch.Tensor, p: torch.Tensor, teacher_q: torch.Tensor, teacher_p: torch.Tensor
+) -> torch.Tensor:
+    """Match the teacher's in-batch cosine similarity matrix: mean over this process's rows of the
+    mean squared difference, (B, N) each.  Dimension-free: student (D) and teacher (Dt) widths may differ.
+
+    ``q`` (B, D), ``p`` (N, D) (gathered under cross-device negatives); ``teacher_q``
+    (B, Dt), ``teacher_p`` (N, Dt) the same texts' teacher embeddings.  Row means
+    over every rank's N passages average over ranks to the global batch's value.
+    """
+    s = similarity(F.normalize(q, dim=-1), F.normalize(p, dim=-1))  # (B, N)
+    t = similarity(F.normalize(teacher_q.detach(), dim=-1), F.normalize(teacher_p.detach(), dim=-1)).to(s.dtype)
+    return ((s - t) ** 2).mean()

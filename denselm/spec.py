@@ -280,14 +280,15 @@ def describe(folder: str | os.PathLike, preset: str | None = None) -> dict:
         spec = m.spec.to_dict()
         spec["base_model"] = resolve_base_model(m.spec.base_model, folder)
         return {"folder": str(folder), "source": MANIFEST_NAME, "version": m.version, "spec": spec,
-                "adapter": m.adapter, "training_only": {"temperature": m.temperature}}
+                "adapter": m.adapter, "training_only": {"temperature": m.temperature}, "recorded": m.extra}
     if preset is None:
         raise UserError(f"{folder} has no {MANIFEST_NAME} (not trained by denselm); pass --preset "
                         f"({', '.join(PRESETS)}) to see what a plain embedder would use")
     if preset not in PRESETS:
         raise UserError(f"unknown --preset {preset!r}; known: {', '.join(PRESETS)}")
     return {"folder": str(folder), "source": f"preset {preset}", "version": SPEC_VERSION,
-            "spec": PRESETS[preset].replace(base_model=str(folder)).to_dict(), "adapter": False, "training_only": {}}
+            "spec": PRESETS[preset].replace(base_model=str(folder)).to_dict(), "adapter": False, "training_only": {},
+            "recorded": {}}
 
 
 # ------------------------------------------------------------------ CLI

@@ -33,7 +33,8 @@ def test_minhash_estimates_jaccard_and_lsh_bands():
     b = shingles(" ".join(b_words))
     assert jaccard(a, b) == pytest.approx(91 / 101)  # one word in the middle changes 5 shingles
     assert len(shingles("Hello, world!")) == 1 and (shingles("hello world") == shingles("HELLO  world.")).all()
-    sig = MinHasher(256).signatures([a, b, shingles(" ".join(passage(1)))])
+    sets = [a, b, shingles(" ".join(passage(1)))]
+    sig = MinHasher(256).signatures(np.concatenate(sets), np.cumsum([0] + [len(x) for x in sets]))
     assert abs((sig[0] == sig[1]).mean() - 91 / 101) < 0.08 and (sig[0] == sig[2]).mean() < 0.05
     bands, rows = lsh_bands(0.9, 128)
     assert bands * rows <= 128 and 1 - (1 - 0.9**rows) ** bands >= 0.995
@@ -79,11 +80,16 @@ def write_beir(folder, queries, corpus, qrels):
     return folder
 
 
+MENTIONED = "Why does a_tuple[i] += ['item'] raise an exception when the addition works?"
+QUOTING = f"In certain situations augmented assignment can fail (see {MENTIONED}), as the data model says."
+
+
 def leak_fixture(tmp_path):
     d1, d2, d3 = (" ".join(passage(s, 60)) for s in (21, 22, 23))
     beir = write_beir(tmp_path / "eval", {"q1": "How do I reverse a list in Python?", "q2": "What is a dict",
-                                          "q3": "why is the sky blue"},
-                      {"d1": d1, "d2": d2, "d3": d3, "d4": "unjudged"}, [("q1", "d1", 1), ("q2", "d2", 2), ("q3", "d3", 0)])
+                                          "q3": "why is the sky blue", "q4": MENTIONED},
+                      {"d1": d1, "d2": d2, "d3": d3, "d4": "unjudged"},
+                      [("q1", "d1", 1), ("q2", "d2", 2), ("q3", "d3", 0), ("q4", "d3", 0)])
     d2_edit = d2.split()
     d2_edit[-1] = "edited"  # one shingle of 56 changes: Jaccard 55/57 (an edit in the middle: 51/61, "contained")
     lines = [
@@ -92,6 +98,7 @@ def leak_fixture(tmp_path):
         {"query": "long section", "pos": ["intro words here " + d1 + " and more words after it"], "neg": ["z"]},  # 3
         {"query": "sky", "pos": ["clean"], "neg": [d3]},  # line 4: d3 is judged 0: not a relevant passage
         {"query": "clean", "pos": ["clean answer"], "neg": ["use reversed"]},  # line 5: sibling, no leak
+        {"query": "augmented assignment", "pos": ["x += y"], "neg": [QUOTING]},  # line 6: quotes eval query q4
     ]
     return beir, write_jsonl(tmp_path / "train.jsonl", lines)
 
@@ -99,19 +106,29 @@ def leak_fixture(tmp_path):
 def test_leakage_found(tmp_path):
     beir, src = leak_fixture(tmp_path)
     index = build_eval_index(beir)
-    assert sorted(index.kinds) == ["passage", "passage", "query", "query", "query"]  # d3 is not relevant
+    assert sorted(index.kinds) == ["passage", "passage", "query", "query", "query", "query"]  # d3 is not relevant
     r = check_dataset(str(src), Settings(), index)
     leak = r["leakage"]
-    assert (leak["exact"], leak["near"], leak["contained"]) == (1, 1, 1)
-    assert leak["by_kind"] == {"query->query": 1, "pos->passage": 2}
+    assert (leak["exact"], leak["near"], leak["contained"], leak["query_mentions"]) == (1, 1, 2, 1)
+    assert leak["by_kind"] == {"query->query": 1, "pos->passage": 2, "neg->query": 1}
     got = {(e["line"], e["field"], e["eval_id"], e["match"]) for e in leak["examples"]}
-    assert got == {(1, "query", "q1", "exact"), (2, "pos", "d2", "near"), (3, "pos", "d1", "contained")}
+    assert got == {(1, "query", "q1", "exact"), (2, "pos", "d2", "near"), (3, "pos", "d1", "contained"),
+                   (6, "neg", "q4", "contained")}
     near = next(e for e in leak["examples"] if e["match"] == "near")
     assert near["jaccard"] == pytest.approx(55 / 57, abs=1e-4)
     assert [p["check"] for p in r["problems"] if p["severity"] == "hard"] == ["leakage"]
     # at 0.99 the edited passage (55/57, 55/56 of d2 inside) passes; d1 wholly inside a section does not
     strict = check_dataset(str(src), Settings(threshold=0.99), index)["leakage"]
-    assert (strict["exact"], strict["near"], strict["contained"]) == (1, 0, 1)
+    assert (strict["exact"], strict["near"], strict["contained"]) == (1, 0, 2)
+    # a passage quoting an eval question (a docs cross-reference) alone is a warning, not a hard problem
+    quoting = write_jsonl(tmp_path / "quoting.jsonl", [leak_lines_only_quote()])
+    q = check_dataset(str(quoting), Settings(), index)
+    assert q["leakage"]["query_mentions"] == 1
+    assert [(p["severity"], p["check"]) for p in q["problems"]] == [("warning", "leakage")]
+
+
+def leak_lines_only_quote():
+    return {"query": "augmented assignment", "pos": ["x += y"], "neg": [QUOTING]}
 
 
 def test_positive_as_negative_and_siblings(tmp_path):
@@ -173,8 +190,13 @@ def test_teacher_scores_and_model_false_negatives(tmp_path):
     ts = check_dataset(str(src), Settings())["teacher_scores"]
     assert ts["lines"] == 8 and ts["positive"]["p50"] == 0.5 and ts["negative"]["max"] == 0.49
     assert ts["near_uniform"] and ts["entropy_ratio_at_temperature"] > 0.99
+    assert ts["lines_negative_above_positive"] == 0.0 and ts["positive_minus_best_negative"]["max"] == pytest.approx(0.01)
     sharp = check_dataset(str(src), Settings(), teacher_temperature=0.001)["teacher_scores"]
     assert not sharp["near_uniform"]
+    flipped = write_jsonl(tmp_path / "flipped.jsonl", [dict(l, neg_scores=[0.6, 0.1]) for l in lines[:3]] + lines[3:])
+    f = check_dataset(str(flipped), Settings(), teacher_temperature=0.001)
+    assert f["teacher_scores"]["lines_negative_above_positive"] == 3 / 8
+    assert [p["check"] for p in f["problems"]] == ["teacher_scores"]
 
     class Fake:
         """Unit vectors by hand: queries (1, 0); p* and *a at angle 0.1; *b at 0 (above the positive)."""
@@ -220,7 +242,8 @@ def test_cli_config_strict_and_json_schema(tmp_path, capsys):
         assert set(d) == {"path", "examples", "type", "duplicates", "positive_as_negative", "sibling_positives",
                           "leakage", "truncation", "teacher_scores", "false_negatives", "problems", "seconds"}
         assert set(d["duplicates"]) == {"exact", "near", "exact_examples", "near_examples", "lsh"}
-        assert set(d["leakage"]) == {"eval", "texts_checked", "exact", "near", "contained", "by_kind", "examples"}
+        assert set(d["leakage"]) == {"eval", "texts_checked", "exact", "near", "contained", "query_mentions",
+                                     "by_kind", "examples"}
         assert set(d["truncation"]) == {"sampled_examples", "queries", "passages"}
         assert set(d["truncation"]["queries"]) == {"count", "max_len", "truncated", "fraction", "tokens"}
         assert d["teacher_scores"] is None and d["false_negatives"] is None
@@ -239,3 +262,21 @@ def test_doctor_bad_input(tmp_path, capsys):
     assert "--threshold" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="corpus.jsonl not found"):
         doctor([str(good)], eval_folder=str(tmp_path / "no-beir"))
+
+
+def test_doctor_bench_smoke():
+    """The benchmark runs end to end at a tiny size and finds what it plants."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "doctor_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--examples", "400"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = {r["stage"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(stages) == {"generate", "doctor", "extrapolate"}
+    doc = stages["doctor"]
+    assert doc["examples_per_cpu_s"] > 0 and doc["leaks"]["exact"] == 10  # 5 queries + 5 passages planted
+    assert doc["exact_duplicates"] > 0 and doc["near_duplicates"] > 0

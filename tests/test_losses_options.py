@@ -157,3 +157,30 @@ def test_bad_options():
         losses.extended_contrastive_loss(q, p, 3, hardness_mode="hard")
     with pytest.raises(ValueError, match="mask 'x'"):
         losses.extended_contrastive_loss(q, p, 3, masks={"x": torch.zeros(2, 2, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--loss.margin=-0.1", "loss.margin"),
+    ("--loss.directions=[query_to_query]", "loss.directions"),
+    ("--loss.directions=[query_to_doc,doc_to_dog]", "loss.directions"),
+    ("--loss.partition_mode=mean", "loss.partition_mode"),
+    ("--loss.hardness_mode=hardest", "loss.hardness_mode"),
+    ("--loss.hardness_strength=-1", "loss.hardness_strength"),
+])
+def test_config_errors_name_the_key(override, key):
+    from denselm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_config_builds_loss_options():
+    from denselm.config import load_config
+
+    cfg = load_config(None, ["--loss.margin=0.1", "--loss.directions=[query_to_doc,doc_to_query]",
+                             "--loss.partition_mode=per_direction", "--loss.hardness_mode=in_batch_negatives",
+                             "--loss.hardness_strength=9"])
+    opts = cfg.loss.options()
+    assert opts == losses.LossOptions(0.1, None, ("query_to_doc", "doc_to_query"), "per_direction",
+                                      "in_batch_negatives", 9.0)
+    assert load_config(None, []).loss.options().is_default

@@ -215,7 +215,8 @@ def metric(url: str, name: str) -> float:
 
 def test_split_across_batches_backpressure_timeout_and_reject(model_dir, enc):
     """Small limits: a request is split over batches of 4; a full queue answers 503 + Retry-After;
-    a request that outlives its timeout gets 504 and its texts are dropped; --long-inputs reject."""
+    a request that outlives its timeout gets 504 and its texts are dropped, one whose body does not
+    arrive in time 408; --long-inputs reject."""
     settings = ServeSettings(models={"tiny": str(model_dir)}, port=0, max_batch_size=4, max_wait_ms=800,
                              max_queue_tokens=40, request_timeout_s=0.3, long_inputs="reject")
     with ServerThread(settings, encoders={"tiny": enc}) as base:
@@ -232,15 +233,50 @@ def test_split_across_batches_backpressure_timeout_and_reject(model_dir, enc):
         # the first request waited past its 0.3 s timeout: 504, its queued texts dropped
         assert first["r"].status_code == 504, first["r"].text
         assert metric(base, "denselm_dropped_inputs_total") > 0
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:  # a body that never completes
+            raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"input\"")
+            assert raw.recv(100).startswith(b"HTTP/1.1 408")
         long = httpx.post(f"{base}/v1/embeddings", json={"input": ["apple", " ".join(WORDS * 3)]}, timeout=30)
         assert long.status_code == 413 and "input[1]" in long.json()["error"]["message"]
         assert httpx.get(f"{base}/ready").status_code == 200
-    # The same limits with a long timeout: split over 3 batches of <= 4 rows, reassembled in order.
+    # A long timeout: split over 3 batches of <= 4 rows, reassembled in order; a client that
+    # hangs up while its texts wait in the queue has them dropped (status 499 in the metrics).
     settings = ServeSettings(models={"tiny": str(model_dir)}, port=0, max_batch_size=4, max_wait_ms=0)
     with ServerThread(settings, encoders={"tiny": enc}) as base:
         resp = client(base).embeddings.create(input=texts, model="tiny")
         np.testing.assert_allclose(vectors(resp), enc.encode_corpus(texts), rtol=0, atol=1e-6)
         assert metric(base, "denselm_batch_size_count") >= 3
+    settings = ServeSettings(models={"tiny": str(model_dir)}, port=0, max_wait_ms=3000)
+    with ServerThread(settings, encoders={"tiny": enc}) as base:
+        host, port = base.removeprefix("http://").split(":")
+        body = json.dumps({"input": ["apple", "pear"]}).encode()
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.3)  # queued: the worker waits up to 3 s for a fuller batch
+        deadline = time.monotonic() + 10
+        while metric(base, 'denselm_requests_total{input_type="document",model="tiny",status="499"}') < 1:
+            assert time.monotonic() < deadline, "the disconnected client's request was not dropped"
+            time.sleep(0.05)
+        assert metric(base, "denselm_dropped_inputs_total") == 2
+        assert metric(base, "denselm_batch_size_count") == 0  # nothing of it reached the model
+
+
+def test_two_models_by_name(tmp_path, model_dir, enc):
+    other_dir = save_tiny(tmp_path / "other", position_ids="from_zero", prompt="Find the fruit")
+    other = denselm.load(other_dir, device="cpu", show_progress=False)
+    settings = ServeSettings(models={"a": str(model_dir), "b": str(other_dir)}, port=0)
+    with ServerThread(settings, encoders={"a": enc, "b": other}) as base:
+        texts = texts_for(5, 4)
+        for name, e in (("a", enc), ("b", other)):
+            got = client(base, "/query").embeddings.create(input=texts, model=name)
+            np.testing.assert_allclose(vectors(got), e.encode_queries(texts), rtol=0, atol=1e-6)
+        no_model = httpx.post(f"{base}/v1/embeddings", json={"input": "a"})
+        assert no_model.status_code == 400 and "model is required" in no_model.json()["error"]["message"]
+        info = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
+        assert (info["a"]["position_ids"], info["b"]["position_ids"]) == ("end_aligned", "from_zero")
+        assert info["b"]["instruction"] == "Find the fruit"
 
 
 class _SlowEncoders(dict):
@@ -291,47 +327,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, model_dir, enc):
-    key_file = tmp_path / "key"
-    key_file.write_text(KEY + "\n")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(denselm.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    env.pop("DENSELM_API_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "denselm.cli", "serve", "--model", f"tiny={model_dir}", "--port", str(port),
-         "--api-key-file", str(key_file), "--device", "cpu", "--max-wait-ms", "1500", "--torch-threads", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.1)
-        texts = texts_for(3, 3)
-        result: dict = {}
-        inflight = threading.Thread(target=lambda: result.update(r=client(base).embeddings.create(
-            input=texts, model="tiny")))
-        inflight.start()
-        time.sleep(0.4)  # queued: the worker waits up to 1.5 s for more texts
-        proc.send_signal(signal.SIGTERM)
-        inflight.join(30)
-        np.testing.assert_allclose(vectors(result["r"]), enc.encode_corpus(texts), rtol=0, atol=1e-6)
-        assert proc.wait(30) == 0
-        out = proc.stdout.read()
-        assert "position_ids=end_aligned" in out and KEY not in out
-        with pytest.raises(httpx.TransportError):  # nothing listens any more
-            httpx.get(f"{base}/health", timeout=1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def test_port_in_use_is_an_environment_problem(model_dir):
+    from denselm.errors import EnvironmentProblem
+    from denselm.serve.command import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = ServeSettings(models={"tiny": str(model_dir)}, port=taken.getsockname()[1])
+        with pytest.raises(EnvironmentProblem, match="could not listen"):
+            serve(settings)
 
 
 def test_cli_settings(tmp_path, model_dir, monkeypatch):
@@ -353,3 +358,51 @@ def test_cli_settings(tmp_path, model_dir, monkeypatch):
     with pytest.raises(ConfigError, match="--max-batch-size"):
         ServeSettings(models={"t": str(model_dir)}, max_batch_size=0)
     assert "secret" not in repr(ServeSettings(models={"t": str(model_dir)}, api_key="secret"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subprocess_server(model_dir, tmp_path_factory):
+    """`denselm serve` in a subprocess, started before the module's first test so that its slow
+    start (importing torch) overlaps the other tests; the SIGTERM test, last, uses it."""
+    key_file = tmp_path_factory.mktemp("key") / "key"
+    key_file.write_text(KEY + "\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(denselm.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("DENSELM_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "denselm.cli", "serve", "--model", f"tiny={model_dir}", "--port", str(port),
+         "--api-key-file", str(key_file), "--device", "cpu", "--max-wait-ms", "1500", "--torch-threads", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc, f"http://127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(subprocess_server, enc):
+    proc, base = subprocess_server
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.1)
+    texts = texts_for(3, 3)
+    result: dict = {}
+    inflight = threading.Thread(target=lambda: result.update(r=client(base).embeddings.create(
+        input=texts, model="tiny")))
+    inflight.start()
+    time.sleep(0.4)  # queued: the worker waits up to 1.5 s for more texts
+    proc.send_signal(signal.SIGTERM)
+    inflight.join(30)
+    np.testing.assert_allclose(vectors(result["r"]), enc.encode_corpus(texts), rtol=0, atol=1e-6)
+    assert proc.wait(30) == 0
+    out = proc.stdout.read()
+    assert "position_ids=end_aligned" in out and KEY not in out
+    with pytest.raises(httpx.TransportError):  # nothing listens any more
+        httpx.get(f"{base}/health", timeout=1)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from data_helpers import make_tokenizer
 from denselm import BiEncoderModel
@@ -128,6 +127,9 @@ def test_defaults_live_in_the_spec():
 
 
 def test_one_constructor_path_model_for_save_keeps_everything():
+    from types import SimpleNamespace
+
+    from denselm import parallel
     from denselm.train import model_for_save
 
     model = BiEncoderModel(model=tiny_backbone("llama"), spec=_spec(), temperature=0.5, sub_batch_size=3,
@@ -135,7 +137,11 @@ def test_one_constructor_path_model_for_save_keeps_everything():
     view = model.with_backbone(model.model)
     assert view.spec == model.spec and view.loss_settings() == model.loss_settings()
     assert view.manifest == model.manifest and view.manifest["custom_key"] == 1
-    assert model_for_save(model) is model
+    assert model_for_save(model, parallel.Single()) is model
+    inner = tiny_backbone("llama")  # a wrapper whose unwrap gives another module: a view with the same spec
+    saved = model_for_save(model, SimpleNamespace(unwrap=lambda m: inner))
+    assert saved.model is inner and saved.spec == model.spec and saved.temperature == model.temperature
+    assert not saved.negatives_cross_device
 
 
 def test_legacy_manifest_kwarg_and_attributes_still_work():

@@ -110,6 +110,8 @@ class ServerState:
         try:
             for name, path in self.settings.models.items():
                 encoder = encoders[name] if encoders is not None else self._load_encoder(path)
+                if self.draining:  # the server stopped (e.g. its port was taken) while this model loaded
+                    return
                 s = self.settings
                 batcher = Batcher(encoder, name, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
                                   max_wait_ms=s.max_wait_ms, max_queue_tokens=s.max_queue_tokens,
@@ -148,19 +150,23 @@ class ServerState:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ one request
-    async def embed(self, request, route_type: str | None) -> tuple[bytes, str, str]:
-        """(response body, model name, input type) or ApiError."""
+    async def embed(self, request, route_type: str | None, labels: dict) -> bytes:
+        """The response body, or ApiError; ``labels`` gets the model and input type once known (metrics)."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        body = await read_body(request, s.max_body_bytes)
+        try:  # a client trickling its body in must not hold a connection forever
+            body = await asyncio.wait_for(read_body(request, s.max_body_bytes), timeout=s.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {s.request_timeout_s:g} s") from None
         req = await loop.run_in_executor(self.pool, parse_request, body)
-        input_type = req.input_type or route_type or "document"
+        input_type = labels["input_type"] = req.input_type or route_type or "document"
         if route_type is not None and req.input_type is not None and req.input_type != route_type:
             raise ApiError(400, f"input_type {req.input_type!r} contradicts the /{route_type} route", param="input_type")
         if not self.ready:
             raise ApiError(503, "the model is still loading" if not self.draining else "the server is shutting down",
                            headers={"Retry-After": str(s.retry_after_s)})
         served = self._model(req.model)
+        labels["model"] = served.name
         texts = req.texts
         if len(texts) > s.max_inputs:
             raise ApiError(413, f"{len(texts)} inputs in one request; the limit is {s.max_inputs}", param="input")
@@ -180,8 +186,8 @@ class ServerState:
         tokens = job.tokens
         self.metrics.inputs.labels(served.name, input_type).inc(len(texts))
         self.metrics.tokens.labels(served.name, input_type).inc(tokens)
-        out = await loop.run_in_executor(self.pool, render_embeddings, vectors, req.encoding_format, served.name, tokens)
-        return out, served.name, input_type
+        return await loop.run_in_executor(self.pool, render_embeddings, vectors, req.encoding_format, served.name,
+                                          tokens)
 
     def _model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -263,6 +269,7 @@ def create_app(settings: ServeSettings, encoders: dict | None = None):
         loader.start()
         yield
         state.draining = True
+        await asyncio.to_thread(loader.join, settings.graceful_timeout_s)  # no worker may start after close
         await asyncio.to_thread(state.close)
 
     app = FastAPI(title="denselm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -301,18 +308,18 @@ def create_app(settings: ServeSettings, encoders: dict | None = None):
 
     async def embeddings(request: Request, route_type: str | None):
         start = time.perf_counter()
-        model, input_type, status = "?", route_type or "document", 200
+        labels, status = {"model": "?", "input_type": route_type or "document"}, 200  # "?": not resolved yet
         try:
             check_key(request)
-            body, model, input_type = await state.embed(request, route_type)
+            body = await state.embed(request, route_type, labels)
             return Response(body, media_type="application/json")
         except ApiError as err:
             status = err.status
             return error_response(err)
         finally:
-            state.metrics.requests.labels(model, input_type, str(status)).inc()
+            state.metrics.requests.labels(labels["model"], labels["input_type"], str(status)).inc()
             if status == 200:
-                state.metrics.latency.labels(model).observe(time.perf_counter() - start)
+                state.metrics.latency.labels(labels["model"]).observe(time.perf_counter() - start)
 
     @app.post("/v1/embeddings")
     async def _embeddings(request: Request):

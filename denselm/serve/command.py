@@ -14,6 +14,8 @@ from ..errors import ConfigError, EnvironmentProblem, require
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
     from denselm.inference import PRESETS
 
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]FOLDER",
@@ -23,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key-file", default=None,
                         help="file whose first line is the API key (or set DENSELM_API_KEY); default: no key")
     # An explicit flag so that argparse never reads '--api-key' as an abbreviation of --api-key-file.
-    parser.add_argument("--api-key", dest="_api_key_flag", default=None, help=f"refused: see --api-key-file")
+    parser.add_argument("--api-key", dest="_api_key_flag", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")
     parser.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the manifest's)")
@@ -82,7 +84,11 @@ def serve(settings) -> int:
     server = make_server(app, settings)
     logger.info("serving %s on http://%s:%d (API key: %s)", ", ".join(settings.models), settings.host, settings.port,
                 "required" if settings.api_key else "none")
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits 1 when it cannot bind; say why in our terms
+        raise EnvironmentProblem(f"could not listen on {settings.host}:{settings.port} "
+                                 "(the port is in use, or binding there is not allowed)") from None
     state = app.state.denselm
     if state.load_error is not None:
         err = state.load_error
