@@ -34,8 +34,9 @@ normalises).  No custom code is loaded (no ``trust_remote_code``); it needs sent
   checks.  Padding side: left for the default ``end_aligned`` positions, right for ``from_zero``.
 
 Exactness: token for token equal to denselm for every template (``none``, ``e5-mistral``,
-``qwen3-embedding``, ``bge-icl``, ``bge-icl-special``) for every passage and for every query within
-the query limit.  One residue: a bge-icl query cut at the limit.  denselm decodes the kept tokens and
+``qwen3-embedding``, ``bge-icl``, ``bge-icl-special``) for every passage, for every query of a
+suffix-free template (cut or not: both cut the ids, ``templates.fit_to_length``), and for every
+query within the query limit.  One residue: a bge-icl query cut at the limit.  denselm decodes the kept tokens and
 re-tokenizes them with the suffix (``templates.fit_to_length``); sentence-transformers writes the
 suffix's own ids over the last kept tokens.  Where the cut falls inside a BPE merge (a ``?`` or a
 space that would merge with ``"\n"``, a word split mid-piece) one or two ids next to the suffix
@@ -293,8 +294,8 @@ POSITION_NOTES = {
         "batch (left padding and the default positions give this). It is batch-dependent: a text's absolute "
         "positions depend on the longest text in its batch. With rotary position embeddings (Llama, Qwen, "
         "Mistral) attention depends only on position differences, so the cost is floating-point noise "
-        "(measured cosine >= 0.99999 between a text alone and inside a batch of long texts); a model with "
-        "absolute position embeddings would change."),
+        "(a test measures at most 1e-5 difference between a text alone and inside a batch of long texts); "
+        "a model with absolute position embeddings would not be batch-independent."),
     "from_zero": "`from_zero`: positions start at 0 for every text; batch-independent (padding on the right).",
 }
 

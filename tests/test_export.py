@@ -40,7 +40,12 @@ def make_lora_model(root, tokenizer_name: str, arch: str, template: str, prompt:
 
     from denselm.model.encoder import BiEncoderModel
 
-    tok = fixture_tokenizer(tokenizer_name)  # the shared instance: saving does not change it
+    from denselm.data.templates import add_template_tokens, get_template
+
+    special = bool(get_template(template).special_tokens)
+    tok = fixture_tokenizer(tokenizer_name, fresh=special)  # the shared instance unless tokens are added
+    if special:  # <instruct>, <query>, <response> as single tokens (the base vocabulary grows)
+        add_template_tokens(tok, template)
     base = root / "base"
     backbone = tiny_backbone(arch, vocab_size=len(tok))
     backbone.config.eos_token_id = tok.eos_token_id
@@ -118,7 +123,7 @@ def load_st(folder):
     return SentenceTransformer(str(folder), device="cpu")
 
 
-# Probe texts: short, non-ASCII, and longer than both limits (queries 24, passages 32 tokens below).
+# Probe texts: short, non-ASCII, and longer than both limits (queries 32, passages 48 tokens below).
 PROBE_QUERIES = QUERIES + [
     "Ünïcode query ß 日本語 🐍?",
     " ".join(["why does my long query keep going and going"] * 12),
@@ -128,12 +133,12 @@ PROBE_DOCS = DOCS + [" ".join(["lorem ipsum dolor sit amet"] * 40), "ü" * 300 +
 
 
 def st_export(root, tokenizer_name, arch, template, prompt=PROMPT):
-    """A LoRA model with distinct query/passage limits (24 vs 32) exported for sentence-transformers
+    """A LoRA model with distinct query/passage limits (32 vs 48) exported for sentence-transformers
     through the CLI -> (ST folder, denselm Encoder of the same model)."""
     from denselm.inference import Encoder
 
     lora, enc = make_lora_model(root, tokenizer_name, arch, template, prompt)
-    enc.model.spec = enc.model.spec.replace(query_max_len=24, passage_max_len=32)
+    enc.model.spec = enc.model.spec.replace(query_max_len=32, passage_max_len=48)
     enc = Encoder(enc.model)
     enc.model.save(lora)  # the limits travel in denselm.json
     out = root / "st"
@@ -149,7 +154,7 @@ def ids_of(st, texts, task):
 
 ST_CASES = [("qwen3", "qwen2", "qwen3-embedding"), ("qwen3", "qwen2", "bge-icl"),
             ("smollm2-bos-eos", "llama", "bge-icl"), ("smollm2-bos-eos", "llama", "e5-mistral"),
-            ("qwen3", "qwen2", "none")]
+            ("qwen3", "qwen2", "none"), ("qwen3", "qwen2", "bge-icl-special")]
 
 
 @pytest.mark.parametrize("tokenizer_name,arch,template", ST_CASES)
@@ -158,20 +163,28 @@ def test_st_export_stock_encode_matches_denselm(tmp_path, tokenizer_name, arch, 
     per-route max length and EOS, with no manual step."""
     prompt = None if template == "none" else PROMPT
     out, enc = st_export(tmp_path, tokenizer_name, arch, template, prompt)
+    from denselm.data.templates import get_template
+
     st = load_st(out)
     q, d = st.encode_query(PROBE_QUERIES), st.encode_document(PROBE_DOCS)
-    assert cos_rows(q, enc.encode_queries(PROBE_QUERIES)).min() >= 0.9999
+    # Exact: every passage, every query of a suffix-free template, every query within its limit.
+    # A suffix template's query cut at the limit is the documented residue (test_st_export_suffix_on_long_queries).
+    suffix = get_template(template).suffix
+    st_ids = ids_of(st, PROBE_QUERIES, "query")
+    exact = [i for i, ids in enumerate(st_ids) if not (suffix and len(ids) == 32)]
+    assert len(exact) >= 3 and (suffix or len(exact) == len(PROBE_QUERIES))
+    assert cos_rows(q[exact], enc.encode_queries(PROBE_QUERIES)[exact]).min() >= 0.9999
     assert cos_rows(d, enc.encode_corpus(PROBE_DOCS)).min() >= 0.9999
-    # token for token, each route cut at its own limit (24 / 32) with EOS last
-    assert ids_of(st, PROBE_QUERIES, "query") == enc.query_ids(PROBE_QUERIES)
+    # token for token, each route cut at its own limit (32 / 48) with EOS last
+    assert [st_ids[i] for i in exact] == [enc.query_ids(PROBE_QUERIES)[i] for i in exact]
     assert ids_of(st, PROBE_DOCS, "document") == enc.passage_ids(PROBE_DOCS)
-    assert max(map(len, enc.query_ids(PROBE_QUERIES))) == 24 and max(map(len, enc.passage_ids(PROBE_DOCS))) == 32
+    assert max(map(len, enc.query_ids(PROBE_QUERIES))) == 32 and max(map(len, enc.passage_ids(PROBE_DOCS))) == 48
     cfg = json.loads((out / "config_sentence_transformers.json").read_text())
     assert cfg["similarity_fn_name"] == "cosine" and cfg["minimum_sentence_transformers_version"]
     assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
     # a prompt at encode time replaces the saved instruction, as denselm's prompt= does
     if prompt is not None:
-        other = "Find code"  # short: these queries stay within 24 tokens (see the long-query test)
+        other = "Find code"  # short: these queries stay within the limit (see the long-query test)
         assert cos_rows(st.encode_query(QUERIES, prompt=other), enc.encode_queries(QUERIES, prompt=other)).min() >= 0.9999
     # the exported folder still loads in denselm, with the same numbers
     np.testing.assert_allclose(encoder(out).encode_queries(PROBE_QUERIES), enc.encode_queries(PROBE_QUERIES), atol=1e-5)
@@ -197,19 +210,30 @@ def test_st_export_one_backbone_and_plain_tokenizer_eos(tmp_path, qwen_lora):
 
 
 def test_st_export_suffix_on_long_queries(tmp_path):
-    """bge-icl's suffix survives truncation (ST restores the template tail); where the cut falls inside a
-    BPE merge, ST writes the suffix's own ids while denselm re-tokenizes the cut text: one or two ids differ
-    next to the suffix.  Documented in the export README; this test bounds how often on adversarial text."""
+    """bge-icl's suffix survives truncation (ST writes the template tail back over the last tokens).
+    Where the cut falls inside a BPE merge, ST writes the suffix's own ids while denselm re-tokenizes
+    the cut text with the suffix: the ids differ only just before the suffix (documented residue)."""
     import random
 
     out, enc = st_export(tmp_path, "qwen3", "qwen2", "bge-icl")
     st = load_st(out)
     rng = random.Random(0)
-    words = ["why", "does", "my", "query?", "ünï", "🐍", "x.", "unbelievably", "a,", "日本語", "?!", "end"]
-    natural = [" ".join(rng.choice(words[:3] + words[7:8]) for _ in range(rng.randint(20, 40))) for _ in range(20)]
-    assert ids_of(st, natural, "query") == enc.query_ids(natural)  # cuts between words: exact
-    for ids in ids_of(st, natural, "query"):
-        assert enc.tokenizer.decode(ids[-4:]).endswith("\nResponse:<|endoftext|>")
+    plain = ["why", "does", "my", "long", "query", "unbelievably", "keep", "going"]
+    natural = [" ".join(rng.choice(plain) for _ in range(rng.randint(30, 60))) for _ in range(20)]
+    assert ids_of(st, natural, "query") == enc.query_ids(natural)  # cuts between plain words: exact
+    tail = enc.tokenizer("x\nResponse:", add_special_tokens=False)["input_ids"][1:] + [enc.tokenizer.eos_token_id]
+    odd = plain + ["query?", "ünï", "🐍", "x.", "a,", "日本語", "?!", "  "]
+    adversarial = ["".join(rng.choice(odd) + rng.choice(["", " "]) for _ in range(rng.randint(30, 60)))
+                   for _ in range(100)]
+    st_ids, ours = ids_of(st, adversarial, "query"), enc.query_ids(adversarial)
+    differ = 0
+    for a, b in zip(st_ids, ours):
+        assert len(a) == 32 and len(b) <= 32 and a[-len(tail):] == tail and b[-1] == tail[-1]
+        assert enc.tokenizer.decode(b).endswith("\nResponse:<|endoftext|>")  # denselm: '?\n' may be one id
+        keep = min(len(a), len(b)) - len(tail) - 3
+        assert a[:keep] == b[:keep]  # only the few ids before the suffix differ (denselm's may merge into fewer)
+        differ += a != b
+    assert differ < 50  # (measured: 21 of 100 on this adversarial mix; tiny random model cosine >= 0.988)
 
 
 def test_suffix_as_fixed_tokens_is_not_exact_for_bpe():
@@ -388,3 +412,84 @@ def test_onnx_export_matches_denselm(tmp_path, tokenizer_name, arch, template):
     ns: dict = {}
     exec(code.replace("PATH", str(out)), ns)
     assert cos_rows(ns["q"], enc.encode_queries(["how do I sort a dict by value?"])).min() >= 0.9999
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_export_close_to_fp32(tmp_path, qwen_lora, dtype):
+    """--dtype bf16/fp16: half-size weights, stock ST vectors within cosine 0.999 of the fp32 export's."""
+    import torch
+
+    lora, enc = qwen_lora
+    outs = {}
+    for d in ("fp32", dtype):
+        outs[d] = tmp_path / d
+        assert cli_main(["export", "--model", str(lora), "--output", str(outs[d]), "--format", "sentence-transformers",
+                         "--dtype", d]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(outs[dtype] / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert (outs[dtype] / "model.safetensors").stat().st_size < 0.6 * (outs["fp32"] / "model.safetensors").stat().st_size
+    assert f"| dtype | {dtype} |" in (outs[dtype] / "README.md").read_text()
+    full, half = load_st(outs["fp32"]), load_st(outs[dtype])
+    assert half[0].model.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    for fn in ("encode_query", "encode_document"):
+        a = getattr(full, fn)(PROBE_QUERIES + PROBE_DOCS)
+        b = getattr(half, fn)(PROBE_QUERIES + PROBE_DOCS)
+        assert cos_rows(np.asarray(a, np.float32), np.asarray(b, np.float32)).min() >= 0.999
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--model", str(lora), "--output", str(tmp_path / "x"), "--dtype", "int8"])
+
+
+def test_exported_vectors_do_not_depend_on_the_batch(tmp_path, qwen_lora):
+    """end_aligned positions shift with the batch's longest text; with rotary embeddings only position
+    differences matter, so a text alone and inside a batch of long texts agree to float noise."""
+    lora, enc = qwen_lora
+    out = tmp_path / "st"
+    assert cli_main(["export", "--model", str(lora), "--output", str(out), "--format", "sentence-transformers"]) == 0
+    st = load_st(out)
+    long_docs = [" ".join(["lorem ipsum dolor sit amet"] * 40)] * 5
+    for fn in ("encode_query", "encode_document"):
+        alone = np.stack([getattr(st, fn)([t])[0] for t in QUERIES])
+        batched = getattr(st, fn)(QUERIES + long_docs, batch_size=8)[: len(QUERIES)]
+        assert np.abs(alone - batched).max() <= 1e-5
+    alone = np.stack([enc.encode_queries([t])[0] for t in QUERIES])
+    assert np.abs(alone - enc.encode_queries(QUERIES + long_docs)[: len(QUERIES)]).max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_smollm2_exports_match_denselm(tmp_path):
+    """Real asset: SmolLM2-135M (4 layers, bge-icl, queries 48 / passages 64 tokens as in the demo) exported
+    for sentence-transformers and ONNX; pyfaq queries and passages (some cut, some non-ASCII) match denselm."""
+    from denselm.assets import AssetMissing
+    from denselm.demo import ensure_model
+    from denselm.inference import Encoder
+    from denselm.model.encoder import BiEncoderModel
+    from denselm.spec import PRESETS
+
+    try:
+        base = ensure_model(os.environ.get("DENSELM_MODEL_DIR", "~/.cache/denselm/smollm2-135m-instruct"))
+    except AssetMissing as err:
+        pytest.skip(str(err))
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = PRESETS["bge-en-icl"].replace(base_model=str(base), num_layers=4, query_max_len=48, passage_max_len=64,
+                                         prompt="Given a question about Python, retrieve the passage that answers it")
+    backbone = AutoModel.from_pretrained(base, num_hidden_layers=4)
+    model = BiEncoderModel(model=backbone, tokenizer=AutoTokenizer.from_pretrained(base), spec=spec)
+    model.save(tmp_path / "model")
+    enc = Encoder(model)
+    data = "data/pyfaq" if os.path.isdir("data/pyfaq") else os.path.join(os.path.dirname(__file__), "..", "data", "pyfaq")
+    rows = [json.loads(line) for line in open(os.path.join(data, "queries.jsonl"))][:40]
+    queries = [r["text"] for r in rows] + [" ".join(r["text"] for r in rows[:8]), "Wörterbuch sortieren? 日本語 🐍" * 9]
+    docs = [json.loads(line)["text"] for line in open(os.path.join(data, "corpus.jsonl"))][:40]
+    for fmt in ("sentence-transformers", "merged"):
+        assert cli_main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / fmt),
+                         "--format", fmt]) == 0
+    size = {f: sum(p.stat().st_size for p in (tmp_path / f).rglob("*") if p.is_file()) for f in ("sentence-transformers", "merged")}
+    assert size["sentence-transformers"] <= 1.1 * size["merged"]
+    st = load_st(tmp_path / "sentence-transformers")
+    assert sum(len(x) == 48 for x in enc.query_ids(queries)) >= 2 and sum(len(x) == 64 for x in enc.passage_ids(docs)) >= 10
+    assert cos_rows(st.encode_query(queries), enc.encode_queries(queries)).min() >= 0.9999
+    assert cos_rows(st.encode_document(docs), enc.encode_corpus(docs)).min() >= 0.9999
