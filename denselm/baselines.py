@@ -10,6 +10,8 @@ pytrec_eval read), holding each query's top ``k`` documents.
 
 from __future__ import annotations
 
+from denselm.errors import InputNotFound
+
 import logging
 import os
 from collections.abc import Sequence
@@ -117,7 +119,7 @@ def load_sentence_transformer(model_dir: str | Path, device: str = "cpu"):
 
     model_dir = Path(model_dir)
     if not (model_dir / "modules.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a sentence-transformers folder (no modules.json)")
+        raise InputNotFound(f"{model_dir}: not a sentence-transformers folder (no modules.json)")
     return SentenceTransformer(str(model_dir), device=device)
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import DataError, InputNotFound, UserError
 from .data.templates import ICLExample, fit_queries, format_passage
 from .data.tokenize import pad_batch, special_tokens, tokenize_with_eos
 from .model.encoder import MANIFEST_NAME, BiEncoderModel
@@ -52,6 +53,9 @@ def default_device() -> str:
 
 class Encoder:
     """Encodes queries and passages with a BiEncoderModel and its manifest's settings."""
+
+    on_batch = None
+    """Optional callable(rows) after each forward pass (``denselm encode``'s progress bar)."""
 
     def __init__(
         self,
@@ -101,7 +105,7 @@ class Encoder:
         """Token ids exactly as the training collator builds them (template, cut before the suffix, EOS)."""
         prompt = instruction if instruction is not None else self.prompt
         if self.template in ("bge-icl", "bge-icl-special", "e5-mistral", "qwen3-embedding") and prompt is None:
-            raise ValueError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
+            raise UserError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
         ex = [tuple(examples or ())] * len(texts)
         formatted, _ = fit_queries(self.tokenizer, self.template, [prompt] * len(texts), list(texts), self.query_max_len, ex)
         return tokenize_with_eos(self.tokenizer, formatted, self.query_max_len)
@@ -131,7 +135,7 @@ class Encoder:
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, desc: str = "encode") -> np.ndarray:
         """Embeddings (n, D) in input order."""
         if len(ids) == 0:
-            raise ValueError("nothing to encode: the input is empty")
+            raise DataError("nothing to encode: the input is empty")
         was_training = self.model.training
         self.model.eval()
         pad_id = special_tokens(self.tokenizer).pad_id
@@ -156,6 +160,8 @@ class Encoder:
                 out[rows] = reps
                 if progress is not None:
                     progress.update(len(rows))
+                if self.on_batch is not None:
+                    self.on_batch(len(rows))
         finally:
             if progress is not None:
                 progress.close()
@@ -177,7 +183,7 @@ class Encoder:
         one block (no thread).
         """
         if len(texts) == 0:
-            raise ValueError("nothing to encode: the input is empty")
+            raise DataError("nothing to encode: the input is empty")
         n = self.tokenize_block
         if len(texts) <= n:
             return self.encode_ids(to_ids(list(texts)), batch_size, desc=desc)
@@ -217,7 +223,7 @@ def load_encoder(
     """A denselm output folder, or a plain transformers embedder with ``preset`` (see PRESETS)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise InputNotFound(f"model folder {path} does not exist")
     device = device or default_device()
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if torch_dtype is None and device.startswith("cuda"):
@@ -226,12 +232,12 @@ def load_encoder(
         model = BiEncoderModel.load(path, base_model=base_model, torch_dtype=torch_dtype, device=device)
         return Encoder(model, show_progress=show_progress, **encoder_kwargs)
     if preset is None:
-        raise ValueError(
+        raise UserError(
             f"{path} has no {MANIFEST_NAME} (not trained by denselm); pass a preset for a known embedder: "
             f"{', '.join(PRESETS)}"
         )
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     from transformers import AutoModel, AutoTokenizer
 
     p = PRESETS[preset]

@@ -16,6 +16,8 @@ sampler position to checkpoint is just the count of batches consumed.
 
 from __future__ import annotations
 
+from denselm.errors import ConfigError
+
 import logging
 import os
 import time
@@ -103,13 +105,13 @@ class TrainDataset(Dataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         if not cfg.train_data:
-            raise ValueError("data.train_data is empty: give at least one JSONL file or folder")
+            raise ConfigError("data.train_data is empty: give at least one JSONL file or folder")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.world_size, self.rank = world_size, rank
         self.global_batch_size = per_device_batch_size * world_size
         symmetric_batch = cfg.symmetric_batch_size or self.global_batch_size
         if symmetric_batch % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.symmetric_batch_size={symmetric_batch} must be divisible by the world size {world_size}"
             )
         template = get_template(cfg.template)

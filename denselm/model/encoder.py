@@ -17,8 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -456,10 +454,10 @@ class BiEncoderModel(nn.Module):
         A LoRA model saves its adapter (and the base model's path in the manifest)
         unless ``merge_lora``.  ``state_dict``: pre-gathered full weights (FSDP).
         """
+        from denselm.io import atomic_folder
+
         output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-        try:
+        with atomic_folder(output_dir, point="model") as tmp:  # the old folder stays until the new one is whole
             base = unwrap(self.model)
             manifest = self.settings()
             if merge_lora and hasattr(base, "merge_and_unload"):
@@ -485,18 +483,6 @@ class BiEncoderModel(nn.Module):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            if output_dir.exists():
-                old = output_dir.with_name(output_dir.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(output_dir, old)
-                os.replace(tmp, output_dir)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return output_dir
 
     @classmethod
@@ -515,7 +501,9 @@ class BiEncoderModel(nn.Module):
         path = Path(path)
         manifest_file = path / MANIFEST_NAME
         if not manifest_file.exists():
-            raise FileNotFoundError(f"{manifest_file} not found: not a denselm model folder")
+            from denselm.errors import InputNotFound
+
+            raise InputNotFound(f"{manifest_file} not found: not a denselm model folder")
         manifest = json.loads(manifest_file.read_text())
         tokenizer = AutoTokenizer.from_pretrained(path)
         dtype_kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -524,9 +512,11 @@ class BiEncoderModel(nn.Module):
 
             base_path = base_model or manifest.get("base_model")
             if not base_path or not Path(base_path).exists():
-                raise FileNotFoundError(
+                from denselm.errors import ModelNotFound
+
+                raise ModelNotFound(
                     f"{path} holds a LoRA adapter whose base model {base_path!r} is not on disk; "
-                    "pass base_model=... (or export a merged model)"
+                    "pass --base-model FOLDER (base_model=... in Python), or export a merged model"
                 )
             backbone = AutoModel.from_pretrained(base_path, **dtype_kw)
             if manifest.get("num_layers"):
