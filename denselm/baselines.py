@@ -10,14 +10,14 @@ pytrec_eval read), holding each query's top ``k`` documents.
 
 from __future__ import annotations
 
-from denselm.errors import InputNotFound
-
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from denselm.errors import InputNotFound
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,6 @@ suggests a temperature.
 
 from __future__ import annotations
 
-from denselm.errors import UserError
-
 import logging
 import os
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from denselm.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -149,6 +149,33 @@ def test_eval_metric_typos_fail_before_training(tmp_path, capsys, metric):
         assert load_config(cfg, ["--eval.metric", ok]).eval.metric == ok
 
 
+# ------------------------------------------------------------------------------- bad files: exit 2
+
+
+def test_invalid_utf8_input_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_bytes(b'{"_id": "d0", "text": "ok"}\n{"_id": "d1", "text": "caf\xe9"}\n')
+    assert main(["encode", "--model", str(tmp_path / "m"), "--input", str(bad), "--output", str(tmp_path / "e")]) == 2
+    assert f"{bad}:2: invalid UTF-8 at byte" in one_line_error(capsys, "encode")
+
+
+def test_truncated_training_gz_names_the_users_file(tmp_path, capsys, monkeypatch):
+    import gzip
+    import json
+
+    from tiny_models import make_model_dir
+
+    monkeypatch.setenv("DENSELM_CACHE", str(tmp_path / "cache"))
+    cfg = train_config(tmp_path, str(make_model_dir(tmp_path / "tiny")))
+    line = json.dumps({"query": "q", "pos": ["p"], "neg": ["n", "m", "o"]}).encode() + b"\n"
+    payload = gzip.compress(line * 3000)
+    cut = tmp_path / "data" / "b.jsonl.gz"
+    cut.write_bytes(payload[: len(payload) // 2])
+    capsys.readouterr()  # make_model_dir's progress output
+    assert main(["train", str(cfg), "--data.train_data", f"[{cut.parent}]"]) == 2  # a.jsonl and b.jsonl.gz
+    assert f"{cut}: truncated gzip file" in one_line_error(capsys, "train")
+
+
 # ------------------------------------------------------------------------------- environment: exit 3
 
 

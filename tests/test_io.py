@@ -243,20 +243,3 @@ def test_read_json_names_the_file(tmp_path):
     p.write_text('{"a": ')
     with pytest.raises(DataError, match=r"manifest\.json:1: malformed JSON"):
         io.read_json(p)
-
-
-# ------------------------------------------------------------------------------- checkpoints
-
-
-def test_checkpoint_disk_full_keeps_the_previous_one(tmp_path):
-    import torch
-
-    from denselm import checkpoint as ckpt
-
-    tensors = {"w": torch.ones(3)}
-    first = ckpt.save_checkpoint(tmp_path, 1, tensors, {"state": {}}, {}, "a: 1\n", keep_last=2)
-    with io.faults("checkpoint:enospc"), pytest.raises(EnvironmentProblem, match="disk full writing .*step-0000002"):
-        ckpt.save_checkpoint(tmp_path, 2, tensors, {"state": {}}, {}, "a: 1\n", keep_last=2)
-    assert ckpt.list_checkpoints(tmp_path) == [first]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001"]
-    assert torch.equal(ckpt.load_checkpoint(first)[0]["w"], tensors["w"])

@@ -16,8 +16,6 @@ sampler position to checkpoint is just the count of batches consumed.
 
 from __future__ import annotations
 
-from denselm.errors import ConfigError
-
 import logging
 import os
 import time
@@ -49,6 +47,7 @@ from denselm.data.sampling import (
     sample_icl,
 )
 from denselm.data.templates import check_template_tokens, get_template
+from denselm.errors import ConfigError
 
 
 @dataclass
@@ -156,7 +155,6 @@ class TrainDataset(Dataset):
                                "drawn (merge it into another file or lower the batch size)",
                                info.name, len(info.plan.indices), info.batch_size)
         self.files = [JsonlFile(info.index) for info in self.datasets]
-        self.epoch = 0
         self._plan: tuple[int, list] | None = None
 
     # --- positions ---------------------------------------------------------------------------------
@@ -167,10 +165,6 @@ class TrainDataset(Dataset):
     def position(self, batches_done: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of the next batch after ``batches_done`` batches."""
         return divmod(int(batches_done), self.steps_per_epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch used by integer keys (tuple keys carry their own)."""
-        self.epoch = int(epoch)
 
     def epoch_plan(self, epoch: int) -> list:
         """[(dataset index, (global batch,) example indices)] for every step of the epoch (cached)."""
@@ -218,7 +212,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, key) -> TrainBatch:
         if isinstance(key, tuple):
             return self.batch(*key)
-        return self.batch(self.epoch, int(key))
+        return self.batch(0, int(key))  # an integer key is a step of the first epoch
 
     # --- reporting -------------------------------------------------------------------------------------
 

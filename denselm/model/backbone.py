@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from denselm.errors import ConfigError
-
 import logging
 
 import torch
 from torch import nn
+
+from denselm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
