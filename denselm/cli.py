@@ -2,7 +2,7 @@
 
     denselm train configs/tiny.yaml --train.lr 2e-4
     denselm encode --model out/ --input corpus.jsonl --output emb/
-    denselm search / evaluate / mine / score / export / convert-gguf / demo
+    denselm search / evaluate / mine / score / doctor / export / convert-gguf / demo / serve
     python -m denselm ...  (or python -m denselm.cli ..., the form torchrun uses)
 
 Modules are imported only when their subcommand runs, so `denselm --help` is fast.
@@ -30,9 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("denselm.evaluate", "evaluate a model on BEIR-format data (nDCG, MRR, Recall, MAP)"),
     "mine": ("denselm.mine", "mine hard negatives with a model or BM25"),
     "score": ("denselm.score", "add teacher scores (pos_scores/neg_scores) to training JSONL"),
+    "doctor": ("denselm.doctor", "check training data before training: duplicates, leakage, false negatives, truncation"),
     "export": ("denselm.export", "export merged weights or a sentence-transformers folder"),
     "convert-gguf": ("denselm.convert", "convert a GGUF checkpoint into a transformers folder"),
     "demo": ("denselm.demo", "the end-to-end demo: SmolLM2 on Python FAQ retrieval"),
+    "serve": ("denselm.serve.command", "serve a model over HTTP: OpenAI-compatible /v1/embeddings"),
 }
 
 CliError = UserError

@@ -21,8 +21,11 @@ from typing import Any
 
 import yaml
 
+from . import errors
 from .data.config import DataConfig
-from .errors import ConfigError
+from .model import speedups
+
+ConfigError = errors.ConfigError  # a bad key or value; the message names it
 
 METRIC_RE = re.compile(r"^(ndcg|mrr|recall)@([1-9][0-9]*)$|^map$")
 """Names ``denselm.evaluate`` computes: ndcg@k, mrr@k, recall@k (k >= 1), map."""
@@ -109,12 +112,75 @@ class LossConfig:
     """Rows per gradient-cache chunk."""
     grad_cache_max_tokens: int | None = None
     """Padded tokens per gradient-cache chunk."""
+    margin: float | None = None
+    """Mask in-batch passages scoring above the positive + margin (similarity before the temperature;
+    the Qwen3-Embedding rule uses 0.1); None = off. Applies to every term of the denominator."""
+    teacher_margin: float | None = None
+    """Mask own-group negatives the teacher scores above its positive + this (on the teacher's scale,
+    needs pos_scores/neg_scores); None = off."""
+    directions: list[str] = field(default_factory=lambda: ["query_to_doc"])
+    """Terms of the InfoNCE denominator: query_to_doc (always) plus query_to_query, doc_to_query,
+    doc_to_doc (all four = the GTE/Qwen3 loss); names as sentence-transformers' MNRL. "normal" batches only."""
+    partition_mode: str = "joint"
+    """joint (one softmax over all terms) or per_direction (one per term, averaged; query_to_doc/doc_to_query)."""
+    hardness_mode: str | None = None
+    """Hardness weighting of negatives (LLaVE): in_batch_negatives, hard_negatives, all_negatives; None = off."""
+    hardness_strength: float = 0.0
+    """alpha: negative j's softmax term is weighted by exp(alpha * s_ij), detached (LLaVE uses 9)."""
+    embed_distill_teacher: str | None = None
+    """Teacher for embedding distillation: a sentence-transformers folder or "minilm" (all-MiniLM-L6-v2, packaged)."""
+    embed_distill_weight: float = 0.0
+    """Weight of distance(projection(student), teacher) on query and passage embeddings (projection: checkpoints only)."""
+    embed_distill_distance: str = "cosine"
+    """cosine (1 - cos), mse or l2 (sentence-transformers' EmbedDistillLoss names)."""
+    similarity_distill_weight: float = 0.0
+    """Weight of matching the teacher's in-batch query-passage cosine similarity matrix (dimension-free)."""
+    embed_distill_cache: str | None = None
+    """SQLite file caching teacher embeddings by (teacher, text hash); None = ~/.cache/denselm/teacher-embeddings.sqlite."""
 
     def __post_init__(self):
         if self.distill_loss not in ("soft_ce", "kl"):
             raise ConfigError(f"loss.distill_loss must be soft_ce or kl, got {self.distill_loss!r}")
         if self.teacher_temperature <= 0:
             raise ConfigError(f"loss.teacher_temperature must be > 0, got {self.teacher_temperature}")
+        from . import losses
+
+        if self.margin is not None and self.margin < 0:
+            raise ConfigError(f"loss.margin must be >= 0 (or null), got {self.margin}")
+        bad = [d for d in self.directions if d not in losses.DIRECTIONS]
+        if bad or "query_to_doc" not in self.directions:
+            raise ConfigError(f"loss.directions must include query_to_doc and be among {list(losses.DIRECTIONS)}, "
+                              f"got {self.directions}")
+        if self.partition_mode not in losses.PARTITION_MODES:
+            raise ConfigError(f"loss.partition_mode must be joint or per_direction, got {self.partition_mode!r}")
+        if self.partition_mode == "per_direction" and set(self.directions) & {"query_to_query", "doc_to_doc"}:
+            raise ConfigError("loss.partition_mode per_direction only works with loss.directions query_to_doc and "
+                              "doc_to_query (the same-type terms never hold the positive)")
+        if self.hardness_mode is not None and self.hardness_mode not in losses.HARDNESS_MODES:
+            raise ConfigError(f"loss.hardness_mode must be one of {list(losses.HARDNESS_MODES)} or null, "
+                              f"got {self.hardness_mode!r}")
+        if self.hardness_strength < 0:
+            raise ConfigError(f"loss.hardness_strength must be >= 0, got {self.hardness_strength}")
+        for key in ("embed_distill_weight", "similarity_distill_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+        if self.embed_distill_distance not in losses.EMBED_DISTANCES:
+            raise ConfigError(f"loss.embed_distill_distance must be one of {list(losses.EMBED_DISTANCES)}, "
+                              f"got {self.embed_distill_distance!r}")
+        if self.embeds_distilled and not self.embed_distill_teacher:
+            raise ConfigError("loss.embed_distill_teacher is required when loss.embed_distill_weight or "
+                              "loss.similarity_distill_weight is > 0 (e.g. minilm)")
+
+    @property
+    def embeds_distilled(self) -> bool:
+        return self.embed_distill_weight > 0 or self.similarity_distill_weight > 0
+
+    def options(self):
+        """The ``losses.LossOptions`` the model's forward uses."""
+        from . import losses
+
+        return losses.LossOptions(self.margin, self.teacher_margin, tuple(self.directions), self.partition_mode,
+                                  self.hardness_mode, self.hardness_strength)
 
 
 @dataclass
@@ -229,17 +295,10 @@ class Config:
     """Evaluation during training."""
 
     def __post_init__(self):
-        if self.train.cache_frozen_layers:
-            if not (self.model.lora.enabled and self.model.lora.top_layers):
-                raise ConfigError("train.cache_frozen_layers needs model.lora.top_layers (the layers below "
-                                  "the adapted ones are what is cached)")
-            if not self.model.packing and self.model.position_ids != "from_zero":
-                raise ConfigError("train.cache_frozen_layers needs model.position_ids: from_zero (or model.packing: "
-                                  "true): with end_aligned a text's hidden states depend on its batch")
-            if self.train.strategy == "fsdp":
-                raise ConfigError("train.cache_frozen_layers is not supported with train.strategy: fsdp")
-            if self.train.cache_max_gb <= 0:
-                raise ConfigError(f"train.cache_max_gb must be > 0, got {self.train.cache_max_gb}")
+        # Which speed-ups combine with which settings: the one table in denselm.model.speedups.
+        speedups.validate(self)
+        if self.train.cache_frozen_layers and self.train.cache_max_gb <= 0:
+            raise ConfigError(f"train.cache_max_gb must be > 0, got {self.train.cache_max_gb}")
 
     def validate_paths(self) -> None:
         if not self.model.name_or_path:

@@ -111,3 +111,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         v = v.cuda()
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
     return (v / dist.get_world_size()).to(value.device)
+
+
+def all_reduce_grads_mean(params) -> None:
+    """Average gradients over ranks for parameters outside DDP (e.g. a loss's own projection)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= dist.get_world_size()

@@ -1,8 +1,15 @@
 """Encoding text at inference: the same formatting and tokenisation as training, batched fast.
 
-    enc = load_encoder("out/model")                 # a denselm folder (LoRA or merged)
+    import denselm
+    enc = denselm.load("out/model")                     # = denselm.load_encoder; LoRA or merged folder
     q = enc.encode_queries(["how do I sort a dict?"])   # (n, D) float32 numpy
-    d = enc.encode_corpus(["Use sorted(d.items()) ..."])
+    d = enc.encode_corpus([{"title": "dict", "text": "Use sorted(d.items()) ..."}, "plain text"])
+    scores = enc.similarity(q, d)                       # (n, m): the score the model was trained with
+
+Argument names follow sentence-transformers / FlagEmbedding (``batch_size``,
+``show_progress_bar``, ``normalize_embeddings``, ``convert_to_tensor``,
+``convert_to_numpy``, ``prompt``), and ``encode_query`` / ``encode_document`` /
+``encode`` are there for code written against sentence-transformers 5+.
 
 Texts are sorted by length and cut into batches bounded by a row count and a
 token budget, so padding stays small; results come back in input order.
@@ -14,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,6 +52,26 @@ PRESETS: dict[str, Preset] = {
     "qwen3-embedding": Preset("qwen3-embedding", prompt="Given a web search query, retrieve relevant passages that answer the query"),
     "plain": Preset("none"),
 }
+
+
+Document = Union[str, Mapping[str, Any]]
+"""A corpus entry: a plain string, or a BEIR-style dict with ``text`` and an optional ``title``."""
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def document_text(doc: Document) -> str:
+    """The string a corpus entry is encoded as: ``"title text"`` as ``denselm encode`` and ``evaluate`` do."""
+    from .beir import format_document
+
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, Mapping):
+        if "text" not in doc:
+            raise ValueError(f"a corpus dict needs a 'text' key, got keys {sorted(doc)}")
+        return format_document(str(doc.get("title") or ""), str(doc["text"]))
+    raise TypeError(f"a corpus entry must be a str or a dict with 'text' (and 'title'), got {type(doc).__name__}")
 
 
 def default_device() -> str:
@@ -132,29 +159,36 @@ class Encoder:
         return out
 
     @torch.no_grad()
-    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, desc: str = "encode") -> np.ndarray:
+    def encode_batch(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One forward pass: id lists (each ending in EOS) -> (B, D) float32 on the CPU.
+
+        The model must be in eval mode; ``encode_ids`` and the server's worker call this, so
+        both produce the same numbers for the same batch."""
+        feats = pad_batch(list(rows), special_tokens(self.tokenizer).pad_id, self.padding_side)  # (B, T)
+        device = self.device
+        feats = {k: v.to(device, non_blocking=True) for k, v in feats.items()}
+        with _autocast(device, next(self.model.parameters()).dtype):
+            reps = self.model.encode(feats)  # (B, D)
+        return reps.float().cpu()
+
+    @torch.no_grad()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, desc: str = "encode",
+                   show_progress: bool | None = None) -> np.ndarray:
         """Embeddings (n, D) in input order."""
         if len(ids) == 0:
             raise DataError("nothing to encode: the input is empty")
         was_training = self.model.training
         self.model.eval()
-        pad_id = special_tokens(self.tokenizer).pad_id
         batches = self.batches([len(x) for x in ids], batch_size)
         out: np.ndarray | None = None
-        device = self.device
-        autocast = _autocast(device, next(self.model.parameters()).dtype)
         progress = None
-        if self.show_progress:
+        if self.show_progress if show_progress is None else show_progress:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(ids), desc=desc, unit="text", leave=False)
         try:
             for rows in batches:
-                feats = pad_batch([ids[i] for i in rows], pad_id, self.padding_side)
-                feats = {k: v.to(device, non_blocking=True) for k, v in feats.items()}
-                with autocast:
-                    reps = self.model.encode(feats)
-                reps = reps.float().cpu().numpy()
+                reps = self.encode_batch([ids[i] for i in rows]).numpy()
                 if out is None:
                     out = np.empty((len(ids), reps.shape[1]), dtype=self.output_dtype)
                 out[rows] = reps
@@ -168,14 +202,100 @@ class Encoder:
             self.model.train(was_training)
         return out
 
-    def encode_queries(self, texts: Sequence[str], instruction: str | None = None, batch_size: int | None = None,
-                       examples: Sequence[ICLExample] | None = None) -> np.ndarray:
-        return self._encode_blocks(lambda block: self.query_ids(block, instruction, examples), texts, batch_size, "queries")
+    # ------------------------------------------------------ the public API
+    def encode_queries(
+        self,
+        queries: str | Sequence[str],
+        batch_size: int | None = None,
+        *,
+        prompt: str | None = None,
+        instruction: str | None = None,
+        examples: Sequence[ICLExample] | None = None,
+        show_progress_bar: bool | None = None,
+        normalize_embeddings: bool = False,
+        convert_to_tensor: bool = False,
+        convert_to_numpy: bool = True,
+    ):
+        """Query embeddings: each query formatted with the template and instruction the model was trained with.
 
-    def encode_corpus(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        return self._encode_blocks(self.passage_ids, texts, batch_size, "passages")
+        ``prompt`` (or its alias ``instruction``) replaces the saved instruction; the template's
+        other parts (and a suffix such as ``\nResponse:``) stay.  Returns (n, D) numpy by default,
+        (D,) for a single string; see ``_convert`` for the ``convert_to_*`` flags.
+        """
+        if prompt is not None and instruction is not None and prompt != instruction:
+            raise ValueError("pass prompt= or instruction= (the same thing), not two different values")
+        prompt = prompt if prompt is not None else instruction
+        single, texts = _as_list(queries, "queries")
+        emb = self._encode_blocks(lambda block: self.query_ids(block, prompt, examples), texts, batch_size,
+                                  "queries", show_progress_bar)
+        return self._convert(emb, single, normalize_embeddings, convert_to_tensor, convert_to_numpy)
 
-    def _encode_blocks(self, to_ids, texts: Sequence[str], batch_size: int | None, desc: str) -> np.ndarray:
+    def encode_corpus(
+        self,
+        corpus: Document | Sequence[Document],
+        batch_size: int | None = None,
+        *,
+        show_progress_bar: bool | None = None,
+        normalize_embeddings: bool = False,
+        convert_to_tensor: bool = False,
+        convert_to_numpy: bool = True,
+    ):
+        """Passage embeddings.  Entries are strings or dicts with ``text`` and optional ``title``
+        (encoded as ``"title text"``, as ``denselm encode`` does); they can be mixed."""
+        single, docs = _as_list(corpus, "corpus")
+        texts = [document_text(d) for d in docs]
+        emb = self._encode_blocks(self.passage_ids, texts, batch_size, "passages", show_progress_bar)
+        return self._convert(emb, single, normalize_embeddings, convert_to_tensor, convert_to_numpy)
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs):
+        """sentence-transformers 5+ name of ``encode_queries``."""
+        return self.encode_queries(sentences, **kwargs)
+
+    def encode_document(self, sentences: Document | Sequence[Document], **kwargs):
+        """sentence-transformers 5+ name of ``encode_corpus``."""
+        return self.encode_corpus(sentences, **kwargs)
+
+    def encode(self, sentences, batch_size: int | None = None, *, input_type: str = "document",
+               prompt: str | None = None, **kwargs):
+        """``encode_corpus`` (default) or ``encode_queries`` (``input_type="query"``, or any ``prompt``).
+
+        As in sentence-transformers, a ``prompt`` marks the texts as queries; unlike it, the
+        prompt is the instruction placed in the model's template, not a bare prefix."""
+        if input_type not in ("query", "document"):
+            raise ValueError(f"input_type must be 'query' or 'document', got {input_type!r}")
+        if input_type == "query" or prompt is not None:
+            return self.encode_queries(sentences, batch_size, prompt=prompt, **kwargs)
+        return self.encode_corpus(sentences, batch_size, **kwargs)
+
+    @staticmethod
+    def similarity(a, b):
+        """(n, m) scores between two sets of embeddings: the inner product the model was trained
+        with (cosine for a normalised model).  numpy in -> numpy out; a tensor in -> a tensor."""
+        as_numpy = not (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor))
+        ta, tb = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x) for x in (a, b))
+        ta = (ta.unsqueeze(0) if ta.dim() == 1 else ta).float()  # (n, D)
+        tb = (tb.unsqueeze(0) if tb.dim() == 1 else tb).float().to(ta.device)  # (m, D)
+        scores = ta @ tb.T  # (n, m)
+        return scores.cpu().numpy() if as_numpy else scores
+
+    def _convert(self, emb: np.ndarray, single: bool, normalize: bool, to_tensor: bool, to_numpy: bool):
+        """numpy (n, D) -> what sentence-transformers would return for these flags.
+
+        ``convert_to_tensor`` wins: one tensor on the model's device; ``convert_to_numpy=False``
+        without it: a list of (D,) tensors.  A single input string gives (D,)."""
+        if normalize:
+            norms = np.linalg.norm(emb.astype(np.float32), axis=1, keepdims=True)
+            emb = (emb / np.maximum(norms, 1e-12)).astype(emb.dtype)
+        if to_tensor:
+            out = torch.from_numpy(emb).to(self.device)
+            return out[0] if single else out
+        if not to_numpy:
+            rows = [torch.from_numpy(row).to(self.device) for row in emb]
+            return rows[0] if single else rows
+        return emb[0] if single else emb
+
+    def _encode_blocks(self, to_ids, texts: Sequence[str], batch_size: int | None, desc: str,
+                       show_progress: bool | None = None) -> np.ndarray:
         """Tokenise block k + 1 in a thread while the model encodes block k.
 
         Blocks of ``tokenize_block`` texts; each is length-sorted on its own.  The
@@ -186,7 +306,7 @@ class Encoder:
             raise DataError("nothing to encode: the input is empty")
         n = self.tokenize_block
         if len(texts) <= n:
-            return self.encode_ids(to_ids(list(texts)), batch_size, desc=desc)
+            return self.encode_ids(to_ids(list(texts)), batch_size, desc=desc, show_progress=show_progress)
         from concurrent.futures import ThreadPoolExecutor
 
         blocks = [list(texts[i : i + n]) for i in range(0, len(texts), n)]
@@ -197,8 +317,18 @@ class Encoder:
                 ids = pending.result()
                 if k + 1 < len(blocks):
                     pending = pool.submit(to_ids, blocks[k + 1])
-                parts.append(self.encode_ids(ids, batch_size, desc=f"{desc} {k + 1}/{len(blocks)}"))
+                parts.append(self.encode_ids(ids, batch_size, desc=f"{desc} {k + 1}/{len(blocks)}",
+                                             show_progress=show_progress))
         return np.concatenate(parts, axis=0)
+
+
+def _as_list(texts, what: str) -> tuple[bool, list]:
+    """(was it one item, the items as a list): a bare str (or dict) is one text, as in sentence-transformers."""
+    if isinstance(texts, (str, Mapping)):
+        return True, [texts]
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError(f"{what} must be str, not bytes: decode it first")
+    return False, list(texts)
 
 
 def _autocast(device: torch.device, param_dtype: torch.dtype):
@@ -215,17 +345,27 @@ def load_encoder(
     device: str | None = None,
     *,
     preset: str | None = None,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     base_model: str | None = None,
     show_progress: bool = True,
     **encoder_kwargs,
 ) -> Encoder:
-    """A denselm output folder, or a plain transformers embedder with ``preset`` (see PRESETS)."""
+    """A denselm output folder, or a plain transformers embedder with ``preset`` (see PRESETS).
+
+    ``dtype``: the weights' dtype ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" or a
+    torch dtype; default bfloat16 on GPU, float32 on CPU).  ``encoder_kwargs`` go to ``Encoder``
+    (``prompt=`` replaces the saved instruction for every call, ``batch_size``, ``max_tokens``...).
+    """
     path = Path(path)
     if not path.exists():
         raise InputNotFound(f"model folder {path} does not exist")
-    device = device or default_device()
-    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    device = str(device or default_device())
+    if dtype is None or isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
     if torch_dtype is None and device.startswith("cuda"):
         torch_dtype = torch.bfloat16
     if (path / MANIFEST_NAME).exists():

@@ -2,6 +2,8 @@
 
     denselm mine --model out/model --input train.jsonl --output mined.jsonl --range 10-100 --num-negatives 15
     denselm mine --model bm25 --input train.jsonl --output mined.jsonl --corpus corpus.jsonl --max-positive-ratio 0.95
+    denselm mine --model out/model --input train.jsonl --output mined.jsonl --max-positive-ratio --positive-margin 0.05 \
+        --judge path/to/cross-encoder --judge-kind cross-encoder
 
 For each training line (FlagEmbedding JSONL, see ``denselm.data.formats``):
 
@@ -13,17 +15,22 @@ For each training line (FlagEmbedding JSONL, see ``denselm.data.formats``):
 2. keep the ranking slice ``[A, B)`` of ``--range A-B`` (0-based, FlagEmbedding's
    ``range_for_sampling``: ``10-100`` skips the top 10 and keeps the next 90), then drop the
    line's positives and the query itself (by exact text).
-3. ``--max-positive-ratio r``: drop candidates scoring above ``r`` times the line's lowest
-   positive score (likely unlabelled positives; NV-Retriever's "TopK-PercPos"). Needs the
-   positive's score: with BM25 and ``--corpus``, a positive absent from the corpus has none, and
-   a positive scoring <= 0 gives no usable threshold; those lines skip the filter (counted).
+3. positive-aware filtering (NV-Retriever's "TopK-PercPos", off by default): drop candidates
+   the judge scores above ``r`` times the line's lowest positive score (``--max-positive-ratio
+   r``; the flag alone means 0.95) and/or above that positive score minus ``m``
+   (``--positive-margin m``): they are likely unlabelled positives. The judge is the mining
+   model (its ranking scores) or ``--judge TEACHER``, a bi-encoder or cross-encoder scored as in
+   ``denselm score`` (then the margin is on the teacher's scale). The ratio needs a positive
+   score > 0 and both rules need one at all: with BM25 and ``--corpus``, a positive absent from
+   the corpus has none; such lines skip the rules that cannot apply (counted).
 4. sample ``--num-negatives`` of the rest without replacement (kept in rank order),
    deterministically from ``(--seed, line number)``. Fewer left: all of them (training repeats
    negatives as needed). None left: the line keeps its original negatives.
 
 The output keeps every field of a line (``prompt``, ``type``, ...) and replaces ``neg``; teacher
 scores no longer match the new negatives, so ``pos_scores``/``neg_scores`` are removed (rerun
-``denselm score``). Counts are logged and written to ``OUTPUT.stats.json``.
+``denselm score``). Counts (each rule's drops, quantiles of the judge's scores of the kept
+negatives and of the positives) are logged and written to ``OUTPUT.stats.json``.
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -57,14 +64,38 @@ class MineStats:
     positives_in_range: int = 0
     """Candidates dropped because their text is one of the line's positives (or its query)."""
     false_negatives_dropped: int = 0
-    """Candidates dropped by --max-positive-ratio."""
+    """Candidates dropped by the positive-aware rules (either or both)."""
+    dropped_by_ratio: int = 0
+    """Candidates above --max-positive-ratio x the positive's score (some may also be above the margin)."""
+    dropped_by_margin: int = 0
+    """Candidates above the positive's score minus --positive-margin (some may also be above the ratio)."""
     lines_with_false_negatives: int = 0
     lines_without_positive_score: int = 0
-    """Lines that skipped --max-positive-ratio: no positive in the BM25 pool, or a score <= 0."""
+    """Lines where a requested rule could not apply: no positive score (BM25 pool), or a score <= 0 for the ratio."""
     teacher_scores_removed: int = 0
     """Lines whose pos_scores/neg_scores were dropped (they described the old negatives)."""
     mean_candidates: float = 0.0
     """Mean candidates per line after every filter, before sampling."""
+    judge: str = "model"
+    """Whose scores the rules and quantiles use: the mining model, or the --judge teacher."""
+    kept_score_quantiles: dict = field(default_factory=dict)
+    """The judge's scores of the negatives written (after sampling): count, min, p05 ... p95, max."""
+    positive_score_quantiles: dict = field(default_factory=dict)
+    """The judge's score of each mined line's lowest positive, same quantiles."""
+
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """``{"count", "min", "p05", "p25", "p50", "p75", "p95", "max"}`` of the finite values (count 0: only count)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if not len(v):
+        return {"count": 0}
+    out = {"count": int(len(v)), "min": float(v.min())}
+    out.update({f"p{round(q * 100):02d}": float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))})
+    out["max"] = float(v.max())
+    return out
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -90,6 +121,46 @@ def pool_from_lines(lines: Sequence[tuple[int, dict]]) -> list[str]:
     return list(seen)
 
 
+def candidates_in_range(
+    ranked: Sequence[int], scores: Sequence[float], pool: Sequence[str], exclude: set[str], lo: int, hi: int,
+) -> tuple[list[str], list[float], int]:
+    """The ranking slice [lo, hi) minus texts in ``exclude``: (texts, their scores, how many were excluded)."""
+    texts, kept, excluded = [], [], 0
+    for idx, score in zip(list(ranked)[lo:hi], list(scores)[lo:hi]):
+        if pool[idx] in exclude:
+            excluded += 1
+        else:
+            texts.append(pool[idx])
+            kept.append(float(score))
+    return texts, kept, excluded
+
+
+def positive_aware_masks(
+    scores: Sequence[float], positive: float, ratio: float | None = None, margin: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NV-Retriever's TopK-PercPos rules on one line: (above_ratio, above_margin), boolean (C,).
+
+    ``above_ratio[j]``: ``scores[j] > ratio * positive``; ``above_margin[j]``: ``scores[j] > positive - margin``.
+    A rule that is off (None) or cannot apply (positive NaN; for the ratio, positive <= 0, where
+    "95% of the positive" would rank above it) masks nothing.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    by_ratio = np.zeros(len(s), dtype=bool)
+    by_margin = np.zeros(len(s), dtype=bool)
+    if ratio is not None and np.isfinite(positive) and positive > 0:
+        by_ratio = s > ratio * positive
+    if margin is not None and np.isfinite(positive):
+        by_margin = s > positive - margin
+    return by_ratio, by_margin
+
+
+def sample_in_order(n: int, num: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``num`` of ``n`` items without replacement, ascending (rank order); all when n <= num."""
+    if n <= num:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=num, replace=False))
+
+
 def select_negatives(
     ranked: Sequence[int],
     scores: Sequence[float],
@@ -106,21 +177,11 @@ def select_negatives(
     Slice [lo, hi), drop texts in ``exclude`` (positives, the query), drop scores above
     ``threshold``, sample ``num`` without replacement keeping rank order. Returns (texts, counts).
     """
-    counts = {"excluded": 0, "false_negatives": 0}
-    candidates = []
-    for idx, score in zip(list(ranked)[lo:hi], list(scores)[lo:hi]):
-        text = pool[idx]
-        if text in exclude:
-            counts["excluded"] += 1
-        elif threshold is not None and score > threshold:
-            counts["false_negatives"] += 1
-        else:
-            candidates.append(text)
-    counts["candidates"] = len(candidates)
-    if len(candidates) > num:
-        keep = np.sort(rng.choice(len(candidates), size=num, replace=False))
-        candidates = [candidates[i] for i in keep]
-    return candidates, counts
+    texts, kept, excluded = candidates_in_range(ranked, scores, pool, exclude, lo, hi)
+    above = np.asarray(kept, dtype=np.float64) > threshold if threshold is not None else np.zeros(len(texts), bool)
+    candidates = [t for t, a in zip(texts, above) if not a]
+    counts = {"excluded": excluded, "false_negatives": int(above.sum()), "candidates": len(candidates)}
+    return [candidates[i] for i in sample_in_order(len(candidates), num, rng)], counts
 
 
 def _line_rng(seed: int, line_no: int) -> np.random.Generator:
@@ -191,6 +252,10 @@ def bm25_rankings(queries, pool, positives, depth, k1: float = 1.5, b: float = 0
 # ------------------------------------------------------------------------------------ mining
 
 
+Judge = Callable[[Sequence[str], Sequence[Sequence[str]]], list[list[float]]]
+"""(queries, texts per line) -> scores per line: ``denselm.score``'s teachers have this shape."""
+
+
 def mine_lines(
     lines: Sequence[tuple[int, dict]],
     pool: Sequence[str],
@@ -202,44 +267,86 @@ def mine_lines(
     num_negatives: int,
     seed: int = 42,
     max_positive_ratio: float | None = None,
+    positive_margin: float | None = None,
+    judge: Judge | None = None,
 ) -> tuple[list[dict], MineStats]:
-    """New training objects from each line's ranking; pure given the rankings."""
-    stats = MineStats(lines=len(lines))
-    out, total_candidates = [], 0
-    for row, (line_no, obj) in enumerate(lines):
-        threshold = None
-        if max_positive_ratio is not None:
-            p = pos_min[row]
-            if np.isfinite(p) and p > 0:
-                threshold = max_positive_ratio * p
-            else:
-                stats.lines_without_positive_score += 1
+    """New training objects from each line's ranking; pure given the rankings (and the judge).
+
+    ``indices``/``scores``: (Q, k) ranking, -1 pads; ``pos_min``: (Q,) the ranker's lowest positive
+    score. With ``judge``, the positive-aware rules and the quantiles use its scores of each line's
+    positives (lowest) and candidates instead.
+    """
+    stats = MineStats(lines=len(lines), judge="teacher" if judge is not None else "model")
+    cands = []  # per line: (texts, ranker scores), after the slice and the exclusion
+    for row, (_, obj) in enumerate(lines):
         valid = indices[row] >= 0
-        negs, counts = select_negatives(
-            indices[row][valid], scores[row][valid], pool, set(obj["pos"]) | {obj["query"]},
-            lo, hi, num_negatives, _line_rng(seed, line_no), threshold,
-        )
-        stats.positives_in_range += counts["excluded"]
-        stats.false_negatives_dropped += counts["false_negatives"]
-        stats.lines_with_false_negatives += counts["false_negatives"] > 0
-        total_candidates += counts["candidates"]
+        texts, kept, excluded = candidates_in_range(
+            indices[row][valid], scores[row][valid], pool, set(obj["pos"]) | {obj["query"]}, lo, hi)
+        stats.positives_in_range += excluded
+        cands.append((texts, kept))
+    if judge is not None:
+        # one call for every line: teachers score each distinct text / pair once
+        judged = judge([obj["query"] for _, obj in lines], [[*obj["pos"], *t] for (_, obj), (t, _) in zip(lines, cands)])
+        n_pos = [len(obj["pos"]) for _, obj in lines]
+        positive = np.array([min(j[:n]) for j, n in zip(judged, n_pos)], dtype=np.float64)
+        cand_scores = [j[n:] for j, n in zip(judged, n_pos)]
+    else:
+        positive = np.asarray(pos_min, dtype=np.float64)
+        cand_scores = [k for _, k in cands]
+
+    out, total_candidates, kept_scores, pos_scores = [], 0, [], []
+    for row, (line_no, obj) in enumerate(lines):
+        texts, s = cands[row][0], cand_scores[row]
+        p = positive[row]
+        if (max_positive_ratio is not None and not (np.isfinite(p) and p > 0)) or (
+                positive_margin is not None and not np.isfinite(p)):
+            stats.lines_without_positive_score += 1
+        by_ratio, by_margin = positive_aware_masks(s, p, max_positive_ratio, positive_margin)
+        drop = by_ratio | by_margin  # (C,)
+        stats.dropped_by_ratio += int(by_ratio.sum())
+        stats.dropped_by_margin += int(by_margin.sum())
+        stats.false_negatives_dropped += int(drop.sum())
+        stats.lines_with_false_negatives += bool(drop.any())
+        keep = np.flatnonzero(~drop)
+        total_candidates += len(keep)
+        chosen = keep[sample_in_order(len(keep), num_negatives, _line_rng(seed, line_no))]
         new = dict(obj)
-        if not negs:
+        if not len(chosen):
             stats.no_candidates += 1
         else:
             stats.mined += 1
-            stats.too_few_candidates += len(negs) < num_negatives
-            new["neg"] = negs
+            stats.too_few_candidates += len(chosen) < num_negatives
+            new["neg"] = [texts[i] for i in chosen]
+            kept_scores.extend(s[i] for i in chosen)
+            pos_scores.append(p)
             if "pos_scores" in new or "neg_scores" in new:
                 new.pop("pos_scores", None)
                 new.pop("neg_scores", None)
                 stats.teacher_scores_removed += 1
         out.append(new)
     stats.mean_candidates = total_candidates / max(len(lines), 1)
+    stats.kept_score_quantiles = quantiles(kept_scores)
+    stats.positive_score_quantiles = quantiles(pos_scores)
     return out, stats
 
 
 # ------------------------------------------------------------------------------------ CLI
+
+
+def load_judge(spec: str, kind: str, batch_size: int = 32, device: str | None = None) -> Judge:
+    """A teacher from ``denselm.score`` as a judge: bi-encoder similarity or cross-encoder logit."""
+    from denselm.score import bi_encoder_scores, cross_encoder_scores, load_teacher
+
+    teacher = load_teacher(spec, kind, device)
+    if kind == "bi-encoder":
+        return lambda queries, texts: bi_encoder_scores(teacher, queries, texts, batch_size)
+    return lambda queries, texts: cross_encoder_scores(teacher, queries, texts, batch_size)
+
+
+def _fmt_quantiles(q: dict) -> str:
+    if not q.get("count"):
+        return "none"
+    return f"n={q['count']} " + " ".join(f"{k}={v:.4g}" for k, v in q.items() if k != "count")
 
 
 def add_arguments(parser) -> None:
@@ -253,8 +360,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--range", default="10-100",
                         help="ranking slice A-B to sample from, 0-based [A, B) (default 10-100)")
     parser.add_argument("--num-negatives", type=int, default=15, help="negatives per line (default 15)")
-    parser.add_argument("--max-positive-ratio", type=float, default=None,
-                        help="drop candidates scoring above this fraction of the positive's score (e.g. 0.95)")
+    parser.add_argument("--max-positive-ratio", type=float, default=None, nargs="?", const=0.95,
+                        help="drop candidates the judge scores above this fraction of the positive's score "
+                             "(NV-Retriever's TopK-PercPos; the flag alone: 0.95)")
+    parser.add_argument("--positive-margin", type=float, default=None,
+                        help="drop candidates the judge scores above the positive's score minus this margin")
+    parser.add_argument("--judge", default=None,
+                        help="score the rules with this teacher instead of the mining model: a sentence-transformers "
+                             "folder (or 'minilm'), or a cross-encoder with --judge-kind cross-encoder")
+    parser.add_argument("--judge-kind", default="bi-encoder", choices=("bi-encoder", "cross-encoder"),
+                        help="--judge type (default bi-encoder)")
+    parser.add_argument("--judge-batch-size", type=int, default=32, help="--judge batch size (default 32)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     parser.add_argument("--instruction", default=None,
                         help="query instruction for lines without 'prompt' (default: the model's manifest)")
@@ -263,6 +379,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from denselm.beir import read_corpus
+    from denselm.errors import ConfigError
     from denselm.io import atomic_write, check_writable
 
     lo, hi = parse_range(args.range)
@@ -270,10 +387,15 @@ def run(args) -> int:
         raise UserError(f"--num-negatives must be >= 1, got {args.num_negatives}")
     if args.max_positive_ratio is not None and not args.max_positive_ratio > 0:
         raise UserError(f"--max-positive-ratio must be > 0, got {args.max_positive_ratio}")
+    if args.positive_margin is not None and not np.isfinite(args.positive_margin):
+        raise ConfigError(f"--positive-margin must be a finite number, got {args.positive_margin}")
+    if args.judge_batch_size < 1:
+        raise ConfigError(f"--judge-batch-size must be >= 1, got {args.judge_batch_size}")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise UserError("--output must differ from --input")
+    check_writable(args.output)  # before any model (judge, encoder) loads
+    judge = load_judge(args.judge, args.judge_kind, args.judge_batch_size, args.device) if args.judge else None
     lines = read_training_lines(args.input)
-    check_writable(args.output)  # before any model loads
     pool = list(dict.fromkeys(read_corpus(args.corpus)[1])) if args.corpus else pool_from_lines(lines)
     queries = [obj["query"] for _, obj in lines]
     positives = [list(obj["pos"]) for _, obj in lines]
@@ -290,21 +412,26 @@ def run(args) -> int:
         indices, scores, pos_min = dense_rankings(encoder, queries, prompts, pool, positives, hi,
                                                   args.instruction, args.device)
     out, stats = mine_lines(lines, pool, indices, scores, pos_min, lo, hi, args.num_negatives,
-                            args.seed, args.max_positive_ratio)
+                            args.seed, args.max_positive_ratio, args.positive_margin, judge)
     write_jsonl(args.output, out)
     stats_path = Path(str(args.output) + ".stats.json")
     atomic_write(stats_path, json.dumps({"model": str(args.model), "range": [lo, hi],
                                               "num_negatives": args.num_negatives,
                                               "max_positive_ratio": args.max_positive_ratio,
+                                              "positive_margin": args.positive_margin,
+                                              "judge_model": args.judge, "judge_kind": args.judge_kind if args.judge else None,
                                               "seed": args.seed, **asdict(stats)}, indent=2) + "\n")
     logger.info(
         "wrote %s: %d of %d lines mined; %d with fewer than %d candidates; %d with none (kept their negatives); "
-        "%d positives found in range; %d likely false negatives dropped in %d lines; %d lines without a "
-        "positive score for the ratio filter; %d lines lost their teacher scores",
+        "%d positives found in range; %d likely false negatives dropped in %d lines (%d by the ratio, %d by the "
+        "margin; judge: %s); %d lines without a positive score for the rules; %d lines lost their teacher scores",
         args.output, stats.mined, stats.lines, stats.too_few_candidates, args.num_negatives, stats.no_candidates,
         stats.positives_in_range, stats.false_negatives_dropped, stats.lines_with_false_negatives,
+        stats.dropped_by_ratio, stats.dropped_by_margin, args.judge or args.model,
         stats.lines_without_positive_score, stats.teacher_scores_removed,
     )
+    logger.info("judge scores of the kept negatives: %s; of the positives: %s",
+                _fmt_quantiles(stats.kept_score_quantiles), _fmt_quantiles(stats.positive_score_quantiles))
     if stats.no_candidates:
         logger.warning("%d lines got no candidate in --range %s; widen the range or the pool", stats.no_candidates, args.range)
     return 0

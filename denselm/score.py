@@ -99,6 +99,21 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _bounded(model, texts: Sequence[str], limit) -> list[str]:
+    """Texts cut to a prefix whose first ``limit`` teacher tokens are the whole text's.
+
+    sentence-transformers tokenizes a text whole before truncating it (seconds
+    and hundreds of MB for one 5 MB passage); the teacher sees the same tokens
+    from the prefix (``denselm.data.tokenize.bounded_texts``).
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not limit:
+        return list(texts)
+    from denselm.data.tokenize import bounded_texts
+
+    return bounded_texts(tokenizer, texts, int(limit))
+
+
 def bi_encoder_scores(
     model, queries: Sequence[str], texts_per_line: Sequence[Sequence[str]], batch_size: int = 32,
     query_prompt: str | None = None, passage_prompt: str | None = None,
@@ -109,8 +124,9 @@ def bi_encoder_scores(
     uq = list(dict.fromkeys(queries))
     ut = list(dict.fromkeys(t for ts in texts_per_line for t in ts))
     kw = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=len(ut) > 1000)
-    q_emb = model.encode(uq, prompt=query_prompt, **kw)  # (Q, D)
-    t_emb = model.encode(ut, prompt=passage_prompt, **kw)  # (T, D)
+    limit = getattr(model, "max_seq_length", None)
+    q_emb = model.encode(_bounded(model, uq, limit), prompt=query_prompt, **kw)  # (Q, D)
+    t_emb = model.encode(_bounded(model, ut, limit), prompt=passage_prompt, **kw)  # (T, D)
     q_at, t_at = {q: i for i, q in enumerate(uq)}, {t: i for i, t in enumerate(ut)}
     out = []
     with torch.no_grad():
@@ -127,7 +143,13 @@ def cross_encoder_scores(
     import torch
 
     pairs = list(dict.fromkeys((q, t) for q, ts in zip(queries, texts_per_line) for t in ts))
-    logits = np.asarray(model.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),
+    # each side alone cut past the pair's token limit: longest-first truncation keeps the same tokens
+    limit = getattr(model, "max_length", None)
+    uq = list(dict.fromkeys(q for q, _ in pairs))
+    ut = list(dict.fromkeys(t for _, t in pairs))
+    cut = {**dict(zip(uq, _bounded(model, uq, limit))), **dict(zip(ut, _bounded(model, ut, limit)))}
+    logits = np.asarray(model.predict([(cut[q], cut[t]) for q, t in pairs], batch_size=batch_size,
+                                      activation_fn=torch.nn.Identity(),
                                       convert_to_numpy=True, show_progress_bar=len(pairs) > 1000), dtype=np.float64)
     if logits.ndim != 1:
         raise UserError(f"the cross-encoder returns {logits.shape[1]} scores per pair; a relevance teacher has 1")

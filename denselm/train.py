@@ -107,6 +107,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         position_ids=cfg.model.position_ids,
         packing=cfg.model.packing,
         manifest=manifest,
+        loss_options=cfg.loss.options(),
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -150,12 +151,30 @@ def trainable_state(model: BiEncoderModel, cfg: Config) -> dict[str, torch.Tenso
 
         # cpu_offload: only rank 0 receives the gathered tensors (the others get {}).
         full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {n: full[n] for n in names} if distributed.info().is_main else {}
+        return ({n: full[n] for n in names} | head_state(model)) if distributed.info().is_main else {}
     params = dict(inner.named_parameters())
-    return {n: params[n].detach() for n in names}
+    return {n: params[n].detach() for n in names} | head_state(model)
+
+
+HEAD_PREFIX = "denselm.embed_distill."
+"""Checkpoint names of the distillation head (trained, resumed, never exported)."""
+
+
+def head_state(model: BiEncoderModel) -> dict[str, torch.Tensor]:
+    if model.embed_distill is None:
+        return {}
+    return {HEAD_PREFIX + n: p.detach() for n, p in model.embed_distill.named_parameters()}
 
 
 def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor]) -> None:
+    head = {k[len(HEAD_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(HEAD_PREFIX)]}
+    if model.embed_distill is not None:
+        params = dict(model.embed_distill.named_parameters())
+        if set(head) != set(params):
+            raise TrainingError(f"checkpoint lacks the embedding-distillation head {sorted(set(params) - set(head))}")
+        with torch.no_grad():
+            for name, value in head.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
     inner = unwrap(model.model)
     params = dict(inner.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
@@ -187,7 +206,27 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def micro_batches(batch, accum: int, cross_device: bool) -> list[dict]:
+def build_teacher(cfg: Config, model: BiEncoderModel):
+    """loss.embed_distill_*: the cached teacher embedder, and the model's distillation head (None when off)."""
+    if not cfg.loss.embeds_distilled:
+        return None
+    from .teacher_embeddings import TeacherEmbeddings
+
+    teacher = TeacherEmbeddings(cfg.loss.embed_distill_teacher, cfg.loss.embed_distill_cache)
+    model.enable_embedding_distillation(teacher.dim, cfg.loss.embed_distill_weight,
+                                        cfg.loss.similarity_distill_weight, cfg.loss.embed_distill_distance)
+    return teacher
+
+
+def teacher_batch(teacher, batch, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(queries (B, Dt), passages (B * G, Dt)) teacher embeddings of this rank's batch (cached on disk)."""
+    if teacher is None:
+        return None
+    return (torch.from_numpy(teacher.embed(batch.query_texts)).to(device),
+            torch.from_numpy(teacher.embed(batch.passage_texts)).to(device))
+
+
+def micro_batches(batch, accum: int, cross_device: bool, teacher_embeddings=None) -> list[dict]:
     """Split this rank's step batch into ``accum`` model inputs of B queries each.
 
     Rows keep the step batch's padding (so positions, hence numbers, are those of
@@ -217,6 +256,8 @@ def micro_batches(batch, accum: int, cross_device: bool) -> list[dict]:
             "messages": batch.messages,
             "teacher_scores": None if batch.teacher_scores is None else batch.teacher_scores[p_rows],
             "false_negative_mask": fn,
+            **({} if teacher_embeddings is None else
+               {"teacher_embeddings": (teacher_embeddings[0][q_rows], teacher_embeddings[1][p_rows])}),
         })
     return out
 
@@ -300,7 +341,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         logger.info(dataset.summary())
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * dataset.steps_per_epoch)
 
-    model = build_model(cfg, tokenizer, added_tokens).to(device)
+    model = build_model(cfg, tokenizer, added_tokens)
+    teacher = build_teacher(cfg, model)
+    model = model.to(device)
     wrap_distributed(model, cfg, device)
     torch.manual_seed(cfg.train.seed + rank)  # dropout: each rank its own masks
     params = [p for p in model.parameters() if p.requires_grad]
@@ -359,7 +402,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         # ---- one optimizer step: accumulate micro-batches (DDP syncs on the last one)
         loss_sum, parts = 0.0, {}
         batch = next(batches).to(device, non_blocking=True)
-        for micro, mb in enumerate(micro_batches(batch, accum, model.negatives_cross_device)):
+        teacher_emb = teacher_batch(teacher, batch, device)
+        for micro, mb in enumerate(micro_batches(batch, accum, model.negatives_cross_device, teacher_emb)):
             sync = micro == accum - 1 or backbone_sync is None or cfg.loss.grad_cache
             with (contextlib.nullcontext() if sync else backbone_sync()):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -376,6 +420,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 + (f" ({ckpt.list_checkpoints(output_dir)[-1]})" if ckpt.list_checkpoints(output_dir) else "")
                 + ". Try a lower train.lr, train.precision bf16 instead of fp16, or a larger model.temperature."
             )
+        if model.embed_distill is not None:  # outside DDP: average its gradient here
+            distributed.all_reduce_grads_mean(model.embed_distill.parameters())
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm
                      else torch.tensor(0.0))
@@ -390,6 +436,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
+                  "same_document_masked": batch.num_same_document,
                   "epoch": round(step / dataset.steps_per_epoch, 4),
                   "truncated_queries": batch.num_truncated_queries, "truncated_passages": batch.num_truncated_passages,
                   "icl_examples": batch.num_icl_examples, **parts}

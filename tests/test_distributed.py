@@ -34,3 +34,18 @@ def test_cross_device_gradients_equal_single_process(tmp_path):
         assert r["loss_rel_err"] <= 1e-10, r
         if r.get("padding", "left") == "left":
             assert r["grad_rel_err_vs_seed_single_process"] <= 1e-10, r
+
+
+@pytest.mark.timeout(400)
+def test_cross_device_loss_options_equal_single_process(tmp_path):
+    """Margin masks, extra InfoNCE terms and hardness weighting: 2 processes equal 1 (issue 13)."""
+    out = tmp_path / "result.json"
+    torchrun(HERE / "dist_scripts" / "cross_device_options.py", str(out))
+    results = json.loads(out.read_text())
+    assert len(results) == 8
+    for r in results:
+        assert r["grad_rel_err_vs_single_process"] <= 1e-10, r
+        assert r["ranks_agree_rel_err"] <= 1e-12, r
+        assert r["loss_rel_err"] <= 1e-10, r
+        assert r["masked_fraction_abs_err"] <= 1e-12, r
+    assert any(r["masked"].get("masked/margin", 0) > 0 for r in results)

@@ -162,3 +162,128 @@ def test_mine_bad_input(tmp_path, capsys):
     assert cli_main(["mine", "--model", str(plain), "--input", str(good), "--output", str(out)]) == 2
     assert "preset" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ positive-aware rules (NV-Retriever TopK-PercPos)
+
+
+def test_positive_aware_masks_by_hand():
+    from denselm.mine import positive_aware_masks
+
+    s = [0.99, 0.96, 0.94, 0.5]
+    r, m = positive_aware_masks(s, 1.0, ratio=0.95)  # drop above 0.95
+    assert r.tolist() == [True, True, False, False] and not m.any()
+    r, m = positive_aware_masks(s, 1.0, margin=0.02)  # drop above 0.98
+    assert not r.any() and m.tolist() == [True, False, False, False]
+    r, m = positive_aware_masks(s, 1.0, ratio=0.95, margin=0.02)
+    assert r.tolist() == [True, True, False, False] and m.tolist() == [True, False, False, False]
+    # a positive <= 0: "95% of it" would rank above it, so the ratio rule is off; the margin still applies
+    r, m = positive_aware_masks([-0.1, -0.7], -0.5, ratio=0.95, margin=0.1)  # margin: drop above -0.6
+    assert not r.any() and m.tolist() == [True, False]
+    r, m = positive_aware_masks(s, float("nan"), ratio=0.95, margin=0.1)
+    assert not r.any() and not m.any()
+
+
+def _ranked_lines():
+    pool = ["a", "b", "c", "d", "e", "f"]
+    lines = [(1, {"query": "q1", "pos": ["a"], "neg": ["f"], "pos_scores": [1.0], "neg_scores": [0.0]}),
+             (2, {"query": "q2", "pos": ["f"], "neg": ["a"]})]
+    # line 1 ranks a (its positive) b c d e; line 2 ranks b c d e f
+    indices = np.array([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    scores = np.array([[1.0, 0.97, 0.93, 0.5, 0.1], [0.8, 0.6, 0.45, 0.2, 0.5]], dtype=np.float32)
+    return pool, lines, indices, scores, np.array([1.0, 0.5])
+
+
+def test_mine_lines_rules_counts_and_quantiles():
+    from denselm.mine import mine_lines
+
+    pool, lines, indices, scores, pos_min = _ranked_lines()
+    out, stats = mine_lines(lines, pool, indices, scores, pos_min, 0, 5, 10, max_positive_ratio=0.95,
+                            positive_margin=0.05)
+    # line 1 (positive 1.0): ratio drops > 0.95 -> b; margin drops > 0.95 -> b. Kept c d e.
+    # line 2 (positive 0.5): ratio drops > 0.475 -> b c; margin drops > 0.45 -> b c (0.45 is not above). Kept d e.
+    assert out[0]["neg"] == ["c", "d", "e"] and out[1]["neg"] == ["d", "e"]
+    assert stats.dropped_by_ratio == 3 and stats.dropped_by_margin == 3 and stats.false_negatives_dropped == 3
+    assert stats.lines_with_false_negatives == 2 and stats.positives_in_range == 2  # a (line 1), f (line 2)
+    kept = np.array([0.93, 0.5, 0.1, 0.45, 0.2], dtype=np.float32).astype(np.float64)
+    q = stats.kept_score_quantiles
+    assert q["count"] == 5 and q["min"] == pytest.approx(0.1) and q["max"] == pytest.approx(0.93)
+    assert q["p50"] == pytest.approx(np.median(kept))
+    assert stats.positive_score_quantiles["count"] == 2 and stats.positive_score_quantiles["min"] == 0.5
+    assert "pos_scores" not in out[0] and stats.teacher_scores_removed == 1
+
+    # the rules differ: a margin of 0.02 drops only above 0.98 / 0.48 -> nothing on line 1, b c on line 2
+    out, stats = mine_lines(lines, pool, indices, scores, pos_min, 0, 5, 10, positive_margin=0.02)
+    assert out[0]["neg"] == ["b", "c", "d", "e"] and out[1]["neg"] == ["d", "e"]
+    assert stats.dropped_by_ratio == 0 and stats.dropped_by_margin == 2 and stats.false_negatives_dropped == 2
+
+    # no positive score (BM25 pool without the positive): the line skips the rules, counted
+    out, stats = mine_lines(lines, pool, indices, scores, np.array([np.nan, 0.5]), 0, 5, 10, max_positive_ratio=0.95)
+    assert out[0]["neg"] == ["b", "c", "d", "e"] and stats.lines_without_positive_score == 1
+
+
+def test_mine_lines_with_a_judge():
+    from denselm.mine import mine_lines
+
+    pool, lines, indices, scores, pos_min = _ranked_lines()
+    # the teacher disagrees with the ranker: it thinks e is as good as line 1's positive, b is poor
+    table = {("q1", "a"): 2.0, ("q1", "b"): 0.3, ("q1", "c"): 1.5, ("q1", "d"): 1.0, ("q1", "e"): 1.95,
+             ("q2", "f"): 4.0, ("q2", "b"): 3.9, ("q2", "c"): 1.0, ("q2", "d"): 3.7, ("q2", "e"): 0.0}
+    calls = []
+
+    def judge(queries, texts):
+        calls.append((list(queries), [list(t) for t in texts]))
+        return [[table[q, t] for t in ts] for q, ts in zip(queries, texts)]
+
+    out, stats = mine_lines(lines, pool, indices, scores, pos_min, 0, 5, 10, max_positive_ratio=0.95, judge=judge)
+    # one call, positives first: line 1 [a, b, c, d, e], line 2 [f, b, c, d, e]
+    assert calls == [(["q1", "q2"], [["a", "b", "c", "d", "e"], ["f", "b", "c", "d", "e"]])]
+    # line 1: > 1.9 -> e; line 2: > 3.8 -> b
+    assert out[0]["neg"] == ["b", "c", "d"] and out[1]["neg"] == ["c", "d", "e"]
+    assert stats.judge == "teacher" and stats.dropped_by_ratio == 2
+    assert stats.kept_score_quantiles["max"] == 3.7 and stats.positive_score_quantiles["min"] == 2.0
+
+
+def test_mine_cli_teacher_judge_matches_score(tmp_path):
+    """`--judge` with a tiny bi-encoder: the drops are exactly what `denselm score`'s scores imply."""
+    pytest.importorskip("bm25s")
+    from sentence_transformers import SentenceTransformer
+
+    from test_score import tiny_bert_config, tiny_bert_tokenizer
+    from denselm.score import bi_encoder_scores
+
+    import torch
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+    from transformers import BertModel
+
+    tok = tiny_bert_tokenizer()
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(len(tok))).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    SentenceTransformer(modules=[Transformer(str(tmp_path / "bert")), Pooling(32, "mean"), Normalize()],
+                        device="cpu").save(str(tmp_path / "bi"))
+
+    lines = fruit_lines()[:3]
+    src = write_jsonl(tmp_path / "train.jsonl", lines)
+    out = tmp_path / "mined.jsonl"
+    base = ["mine", "--model", "bm25", "--input", str(src), "--range", "0-100", "--num-negatives", "50",
+            "--judge", str(tmp_path / "bi"), "--device", "cpu"]
+    assert cli_main([*base, "--output", str(out), "--positive-margin", "0.06"]) == 0
+    plain = tmp_path / "plain.jsonl"
+    assert cli_main(["mine", "--model", "bm25", "--input", str(src), "--range", "0-100", "--num-negatives", "50",
+                     "--output", str(plain)]) == 0
+    before = [json.loads(l)["neg"] for l in plain.read_text().splitlines()]
+    after = [json.loads(l)["neg"] for l in out.read_text().splitlines()]
+    model = SentenceTransformer(str(tmp_path / "bi"), device="cpu")
+    scores = bi_encoder_scores(model, [l["query"] for l in lines], [l["pos"] + b for l, b in zip(lines, before)])
+    dropped = 0
+    for line, b, a, s in zip(lines, before, after, scores):
+        pos = min(s[: len(line["pos"])])
+        expected = [t for t, x in zip(b, s[len(line["pos"]):]) if not x > pos - 0.06]
+        dropped += len(b) - len(expected)
+        assert a == (expected or line["neg"]), line["query"]
+    stats = json.loads((tmp_path / "mined.jsonl.stats.json").read_text())
+    assert stats["judge"] == "teacher" and stats["judge_model"] == str(tmp_path / "bi")
+    assert dropped > 0 and stats["dropped_by_margin"] == dropped and stats["dropped_by_ratio"] == 0
+    assert stats["kept_score_quantiles"]["count"] == sum(len(a) for a, l in zip(after, lines) if a != l["neg"])

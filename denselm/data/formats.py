@@ -4,7 +4,12 @@ One example a line::
 
     {"query": str, "pos": [str, ...], "neg": [str, ...],
      "pos_scores": [float, ...], "neg_scores": [float, ...],   # optional teacher scores
-     "prompt": str, "type": str, "category": str}              # optional
+     "prompt": str, "type": str, "category": str,              # optional
+     "pos_id": str | int, "pos_ids": [...], "neg_ids": [...]}  # optional document ids
+
+Document ids (aligned with `pos` / `neg`; `pos_id` gives every positive one id)
+let ``data.mask_same_document`` drop any in-batch passage of the positive's
+document from a query's negatives.
 
 A path is a file or a folder of ``*.jsonl`` files; each file is one dataset.
 ``index_file`` validates every line in one streaming pass and keeps only the
@@ -84,6 +89,10 @@ class Example:
     prompt: str | None = None
     type: str = DEFAULT_TYPE
     category: str | None = None
+    pos_ids: list[str] | None = None
+    """Document id of each positive (aligned with ``pos``); None when the line has none."""
+    neg_ids: list[str] | None = None
+    """Document id of each negative (aligned with ``neg``); None when the line has none."""
 
     @property
     def has_scores(self) -> bool:
@@ -118,6 +127,21 @@ def _scores(obj: dict, name: str, texts_name: str, n_texts: int, where: str) -> 
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             raise DataError(f"{where}: field '{name}[{j}]': expected a finite number, got {s!r}")
     return [float(s) for s in value]
+
+
+def _ids(obj: dict, name: str, texts_name: str, n_texts: int, where: str) -> list[str] | None:
+    """Document ids aligned with a text list: strings or integers, kept as strings."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{name}': expected a list of ids (strings or integers), got {_kind(value)}")
+    if len(value) != n_texts:
+        raise DataError(f"{where}: field '{name}': {len(value)} ids for {n_texts} '{texts_name}' texts (must be aligned)")
+    for j, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
+            raise DataError(f"{where}: field '{name}[{j}]': expected a non-empty string or an integer, got {v!r}")
+    return [str(v) for v in value]
 
 
 def _optional_str(obj: dict, name: str, where: str) -> str | None:
@@ -163,7 +187,13 @@ def parse_example(raw: bytes, where: str, needs_neg: bool = True) -> Example:
     elif type_ not in TASK_TYPES:
         raise DataError(f"{where}: field 'type': unknown type {type_!r} (known: {', '.join(TASK_TYPES)})")
     category = _optional_str(obj, "category", where)
-    return Example(query, pos, neg, pos_scores, neg_scores, prompt, type_, category)
+    pos_ids = _ids(obj, "pos_ids", "pos", len(pos), where)
+    if obj.get("pos_id") is not None:
+        if pos_ids is not None:
+            raise DataError(f"{where}: fields 'pos_id' and 'pos_ids': give one of them")
+        pos_ids = _ids({"pos_id": [obj["pos_id"]] * len(pos)}, "pos_id", "pos", len(pos), where)
+    neg_ids = _ids(obj, "neg_ids", "neg", len(neg), where)
+    return Example(query, pos, neg, pos_scores, neg_scores, prompt, type_, category, pos_ids, neg_ids)
 
 
 # --- files: one validating pass, then lazy reads ----------------------------------------------------

@@ -8,7 +8,9 @@ A query is ``{examples}{head}{query}{suffix}``; with the plain "bge-icl" preset:
 Each in-context example is ``{head}{q}{example_sep}{response}\\n\\n``.  The EOS
 (and BOS where the tokenizer adds one) comes later from
 ``denselm.data.tokenize.tokenize_with_eos``.  ``fit_queries`` cuts the query text
-at token level (then decodes it) so that the suffix always survives truncation.
+at token level (then decodes it) so that the suffix always survives truncation;
+like every tokenization of user text it tokenizes only a bounded prefix of a
+long text (``denselm.data.tokenize.bounded_ids``), never the whole of it.
 
 This module imports neither torch nor transformers: inference code can format
 queries cheaply.
@@ -121,10 +123,13 @@ def format_passage(template: str | Template, text: str, prefix: str = "") -> str
 # --- token-level fitting (needs a tokenizer; no torch import at module level) ---------------------
 
 
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def _ids(tokenizer, texts: list[str], keep: int) -> list[list[int]]:
+    """Ids whose first ``keep`` are exact; only a prefix of a long text is tokenized (see ``bounded_ids``)."""
+    from denselm.data.tokenize import bounded_ids  # torch import deferred to first use
+
     if not texts:
         return []
-    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return bounded_ids(tokenizer, texts, keep)
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -134,7 +139,7 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 def truncate_text(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
     """The text cut to ``max_tokens`` tokens (decoded back to a string), and whether it was cut."""
-    ids = _ids(tokenizer, [text])[0]
+    ids = _ids(tokenizer, [text], max_tokens)[0]
     if len(ids) <= max_tokens:
         return text, False
     return _decode(tokenizer, ids[:max_tokens]), True
@@ -151,19 +156,20 @@ def fit_to_length(tokenizer, bodies: Sequence[str], suffix: str, max_length: int
     from denselm.data.tokenize import special_tokens  # torch import deferred to first use
 
     room = max_length - 1 - len(special_tokens(tokenizer).prefix)
-    suffix_len = len(_ids(tokenizer, [suffix])[0]) if suffix else 0
+    suffix_len = len(_ids(tokenizer, [suffix], room)[0]) if suffix else 0
     if suffix_len >= room:
         raise ValueError(f"max_length={max_length} leaves no room for text before the suffix {suffix!r}")
     texts = [b + suffix for b in bodies]
-    lengths = [len(x) for x in _ids(tokenizer, texts)]
+    # Only whether a text exceeds `room` matters here; a cut text reports more than `room` ids.
+    lengths = [len(x) for x in _ids(tokenizer, texts, room)]
     over = [i for i, n in enumerate(lengths) if n > room]
     if over:
-        body_ids = _ids(tokenizer, [bodies[i] for i in over])
+        body_ids = _ids(tokenizer, [bodies[i] for i in over], room)
         for i, ids in zip(over, body_ids):
             keep = room - suffix_len
             while True:
                 text = _decode(tokenizer, ids[:keep]) + suffix
-                excess = len(_ids(tokenizer, [text])[0]) - room
+                excess = len(_ids(tokenizer, [text], room)[0]) - room
                 if excess <= 0 or keep == 0:
                     break
                 keep = max(0, keep - excess)

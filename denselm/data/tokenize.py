@@ -9,6 +9,12 @@ tokenized without special tokens, truncated to ``max_length - 1 - n_prefix``,
 then the tokenizer's own prefix specials (BOS, where it adds one) are put in
 front and the EOS id appended by hand.
 
+Memory and time are bounded per text: ``bounded_ids`` tokenizes only a
+character prefix of each text, long enough that the token limit still decides
+(a 50 MB passage costs what its first few thousand tokens cost, not seconds
+and hundreds of MB).  Every tokenizer call on user text in denselm goes
+through it (here and in ``denselm.data.templates``).
+
 Usage::
 
     ids = tokenize_with_eos(tok, ["a text", "another"], max_length=512)
@@ -82,6 +88,106 @@ def special_tokens(tokenizer) -> SpecialTokens:
     return result
 
 
+CUT_MARGIN = 16
+"""Tokens a character cut must yield beyond the ones kept before it is accepted.
+
+SentencePiece-style and BPE tokenizers are not prefix-stable: the ids just
+before a cut can differ from those of the whole text (a merge or a Viterbi
+path that the cut breaks).  The difference stays next to the cut, so ids that
+lie this many tokens before it are the whole text's ids.
+"""
+MIN_CHAR_BUDGET = 1024
+"""Smallest first cut, in characters (tokenizers whose longest token is tiny)."""
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the tokenizer's longest vocabulary entry (added tokens included), cached per vocabulary.
+
+    An upper bound on the input characters one token covers for byte-level BPE
+    (entries are spelled one character per byte) and SentencePiece (``▁`` is one
+    space; byte-fallback entries ``<0xE4>`` overestimate).  Normalisers that
+    shrink text can break it; ``bounded_ids`` checks the token count instead of
+    trusting it.
+    """
+    size = len(tokenizer)  # grows when template tokens are added: recompute then
+    cached = getattr(tokenizer, "_denselm_longest_token", None)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    try:
+        tokenizer._denselm_longest_token = (size, longest)
+    except Exception:  # pragma: no cover - exotic tokenizer objects without __dict__
+        pass
+    return longest
+
+
+def char_budget(tokenizer, keep: int) -> int:
+    """First character cut for a text of which ``keep`` tokens are kept: enough for ``keep + CUT_MARGIN`` tokens."""
+    return max(MIN_CHAR_BUDGET, longest_token_chars(tokenizer) * (keep + CUT_MARGIN))
+
+
+def _cut(text: str, budget: int) -> str:
+    """``text[:budget]``, moved back to just before a space or newline in its second half if there is one.
+
+    Pre-tokenizers split at whitespace, so a cut there leaves every word whole:
+    byte-level BPE then yields exactly a prefix of the whole text's ids, and
+    WordPiece does not see a long word turn into a short one (its
+    ``max_input_chars_per_word`` makes a 200-character word one [UNK], its first
+    90 characters many pieces).
+    """
+    if len(text) <= budget:
+        return text
+    piece = text[:budget]  # copies only `budget` characters: a 50 MB text costs nothing until here
+    j = max(piece.rfind(" ", budget // 2), piece.rfind("\n", budget // 2))
+    return piece[:j] if j > 0 else piece
+
+
+def _bounded(tokenizer, texts: Sequence[str], keep: int, budget: int | None) -> list[tuple[str, list[int]]]:
+    """(accepted prefix, its ids) per text; see ``bounded_ids``."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    texts = list(texts)
+    out: list[tuple[str, list[int]] | None] = [None] * len(texts)
+    budget = char_budget(tokenizer, keep) if budget is None else max(1, int(budget))
+    need = keep + CUT_MARGIN
+    pending = list(range(len(texts)))
+    while pending:
+        pieces = [_cut(texts[i], budget) for i in pending]
+        ids = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        retry = []
+        for i, piece, x in zip(pending, pieces, ids):
+            if len(piece) == len(texts[i]) or len(x) >= need:
+                out[i] = (piece, list(x))
+            else:
+                retry.append(i)
+        pending = retry
+        budget *= 2
+    return out  # type: ignore[return-value]
+
+
+def bounded_ids(tokenizer, texts: Sequence[str], keep: int, *, budget: int | None = None) -> list[list[int]]:
+    """Ids (no special tokens) whose first ``keep`` equal the whole text's, tokenizing only a prefix.
+
+    Each text is cut to ``budget`` characters (default ``char_budget``; moved
+    back to a space when there is one); the cut is accepted when it yields at
+    least ``keep + CUT_MARGIN`` ids, else the budget doubles (a normaliser that
+    drops characters, many characters per token) until it covers the whole
+    text.  A text no longer than the budget is tokenized whole, so its ids are
+    exact; a cut text's list holds more than ``keep`` ids, so ``len(ids) > keep``
+    still says whether the text was cut.
+    """
+    return [ids for _, ids in _bounded(tokenizer, texts, keep, budget)]
+
+
+def bounded_texts(tokenizer, texts: Sequence[str], keep: int) -> list[str]:
+    """Each text cut to a prefix whose first ``keep`` tokens are the whole text's (for code that tokenizes itself).
+
+    For libraries that take strings and truncate after tokenizing everything
+    (sentence-transformers teachers in ``denselm score``): hand them these.
+    """
+    return [piece for piece, _ in _bounded(tokenizer, texts, keep, None)]
+
+
 def truncate_with_eos(body_ids: Sequence[int], specials: SpecialTokens, max_length: int) -> list[int]:
     """``prefix + body[: max_length - 1 - len(prefix)] + [eos]`` (the body never holds specials)."""
     room = max_length - 1 - len(specials.prefix)
@@ -111,8 +217,8 @@ def tokenize_with_eos(
     specials = special_tokens(tokenizer)
     if len(texts) == 0:
         return ([], 0) if return_truncated else []
-    bodies = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     room = max_length - 1 - len(specials.prefix)
+    bodies = bounded_ids(tokenizer, texts, max(room, 0))
     out = [truncate_with_eos(body, specials, max_length) for body in bodies]
     if return_truncated:
         return out, sum(len(body) > room for body in bodies)

@@ -27,8 +27,9 @@ from torch import nn
 
 from .. import distributed, gradcache, losses
 from ..data.tokenize import special_tokens
-from . import packing as packing_lib
-from .pooled_only import last_mlp_only_at, pooled_positions
+from . import speedups
+from .speedups import packing as packing_lib
+from .speedups.pooled_only import last_mlp_only_at, pooled_positions
 from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,39 @@ class EncoderOutput:
     """Loss parts for logging: contrastive, distillation."""
 
 
+class EmbeddingDistillation(nn.Module):
+    """Teacher-embedding distillation terms (the teacher's vectors are inputs, never computed here).
+
+    ``embed_weight`` x distance(projection(student), teacher) over queries and passages
+    (the mean of the two, as sentence-transformers' EmbedDistillLoss averages columns), plus
+    ``similarity_weight`` x the in-batch similarity-matrix match (dimension-free).
+    The projection (float32, D -> Dt) lives in training checkpoints only: ``save`` exports the backbone.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, embed_weight: float = 1.0, similarity_weight: float = 0.0,
+                 distance: str = "cosine"):
+        super().__init__()
+        if distance not in losses.EMBED_DISTANCES:
+            raise ValueError(f"distance must be one of {losses.EMBED_DISTANCES}, got {distance!r}")
+        self.projection = nn.Linear(student_dim, teacher_dim) if embed_weight > 0 else None
+        self.embed_weight, self.similarity_weight, self.distance = float(embed_weight), float(similarity_weight), distance
+
+    def forward(self, q, p, tq, tp, all_p, all_tp) -> tuple[torch.Tensor, dict[str, float]]:
+        """q (B, D), p (B*G, D), teacher tq (B, Dt), tp (B*G, Dt); all_p / all_tp: the passages scored against."""
+        loss, parts = q.new_zeros(()), {}
+        if self.projection is not None:
+            w = self.projection.weight
+            ed = 0.5 * (losses.embedding_distillation_loss(self.projection(q.to(w.dtype)), tq, self.distance)
+                        + losses.embedding_distillation_loss(self.projection(p.to(w.dtype)), tp, self.distance))
+            parts["embed_distillation"] = float(ed.detach())
+            loss = loss + self.embed_weight * ed
+        if self.similarity_weight > 0:
+            sd = losses.similarity_distillation_loss(q, all_p, tq, all_tp)
+            parts["similarity_distillation"] = float(sd.detach())
+            loss = loss + self.similarity_weight * sd
+        return loss, parts
+
+
 class BiEncoderModel(nn.Module):
     """The seed's BiEncoderModel, made correct for any padding side and world size.
 
@@ -70,10 +104,12 @@ class BiEncoderModel(nn.Module):
       position_ids: "end_aligned" gives each row's last real token the position a
         left-padded batch gives it (the seed's numbers, for either padding side);
         "from_zero" starts every sequence at 0 (batch-independent; packing uses it).
-      packing: padding-free encoding (see ``denselm.model.packing``): each batch (or
+      packing: padding-free encoding (see ``denselm.model.speedups.packing``): each batch (or
         sub-batch / gradient-cache chunk) is packed into rows of at most
         ``packing_max_tokens`` real tokens; implies ``position_ids="from_zero"``.
       manifest: extra inference settings saved by ``save`` (templates, max lengths...).
+      loss_options: ``losses.LossOptions`` (margin masks, extra InfoNCE terms, hardness
+        weighting); None = the seed's loss.
     """
 
     def __init__(
@@ -98,6 +134,7 @@ class BiEncoderModel(nn.Module):
         packing: bool = False,
         packing_max_tokens: int | None = packing_lib.DEFAULT_MAX_TOKENS,
         manifest: dict | None = None,
+        loss_options: losses.LossOptions | None = None,
     ):
         super().__init__()
         if model is None:
@@ -136,6 +173,8 @@ class BiEncoderModel(nn.Module):
         self.distill_weight = float(distill_weight)
         self.distill_loss = distill_loss
         self.distill_in_custom_mode = distill_in_custom_mode
+        self.loss_options = loss_options or losses.LossOptions()
+        self.embed_distill: EmbeddingDistillation | None = None  # enable_embedding_distillation()
         self.grad_cache = grad_cache
         self.grad_cache_chunk_size = grad_cache_chunk_size
         self.grad_cache_max_tokens = grad_cache_max_tokens
@@ -156,16 +195,13 @@ class BiEncoderModel(nn.Module):
         self.prefix_cache = None
 
     def enable_prefix_cache(self, num_frozen: int, max_bytes: int = 8 << 30):
-        """Compute blocks ``0 .. num_frozen-1`` once per distinct text (see ``denselm.model.prefix_cache``).
+        """Compute blocks ``0 .. num_frozen-1`` once per distinct text (see ``denselm.model.speedups.prefix_cache``).
 
         Needs every trainable parameter above them and batch-independent positions."""
-        from .prefix_cache import FrozenPrefixCache
+        from .speedups.prefix_cache import FrozenPrefixCache
 
-        if self.position_policy != "from_zero":
-            raise ValueError(
-                "the frozen-prefix cache needs position_ids='from_zero' (or packing): with 'end_aligned' "
-                "a text's positions, hence its hidden states, depend on the batch it is in"
-            )
+        speedups.validate({"train.cache_frozen_layers": True, "model.position_ids": self.position_policy,
+                           "model.packing": self.packing})
         self.prefix_cache = FrozenPrefixCache(unwrap(self.model), num_frozen, max_bytes)
         return self.prefix_cache
 
@@ -258,8 +294,12 @@ class BiEncoderModel(nn.Module):
         messages: Sequence[str] | None = None,
         teacher_scores: Sequence[float] | torch.Tensor | None = None,
         false_negative_mask: torch.Tensor | None = None,
+        teacher_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> EncoderOutput:
         """Training: loss over in-batch (+ cross-device) negatives or own groups, plus distillation.
+
+        ``teacher_embeddings``: (queries (B, Dt), passages (B * G, Dt)) of a teacher, used
+        once ``enable_embedding_distillation`` was called.
 
         Eval (``model.eval()``): scores = q @ p.T, no loss.
         """
@@ -270,9 +310,10 @@ class BiEncoderModel(nn.Module):
             return EncoderOutput(loss=None, scores=scores, q_reps=q_reps, p_reps=p_reps)
 
         if self.grad_cache and torch.is_grad_enabled():
-            return self._forward_grad_cache(query, passage, mode, teacher_scores, false_negative_mask)
+            return self._forward_grad_cache(query, passage, mode, teacher_scores, false_negative_mask, teacher_embeddings)
         q_reps, p_reps = self.encode(query), self.encode(passage)
-        loss, scores, metrics = self.compute_loss(q_reps, p_reps, mode, teacher_scores, false_negative_mask)
+        loss, scores, metrics = self.compute_loss(q_reps, p_reps, mode, teacher_scores, false_negative_mask,
+                                                  teacher_embeddings)
         return EncoderOutput(loss=loss, scores=scores, q_reps=q_reps, p_reps=p_reps, metrics=metrics)
 
     @staticmethod
@@ -297,6 +338,7 @@ class BiEncoderModel(nn.Module):
         mode: str = "normal",
         teacher_scores: Sequence[float] | torch.Tensor | None = None,
         false_negative_mask: torch.Tensor | None = None,
+        teacher_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Loss from embeddings: q (B, D), p (B * G, D) on this process.
 
@@ -311,6 +353,7 @@ class BiEncoderModel(nn.Module):
             )
         G = P // B
         teacher = self._teacher_tensor(teacher_scores, B, G, q_reps.device)
+        mask_teacher = teacher  # the teacher-margin mask uses the scores even where distillation does not
         if teacher is not None and mode == "custom" and not self.distill_in_custom_mode:
             if not self._warned_custom_teacher:
                 logger.warning(
@@ -322,20 +365,25 @@ class BiEncoderModel(nn.Module):
 
         cross = self.negatives_cross_device and distributed.is_initialized() and distributed.info().world_size > 1
         metrics: dict[str, float] = {}
-        local = losses.group_scores(q_reps, p_reps, G) / self.temperature  # (B, G)
+        opts = self.loss_options
+        raw_local = losses.group_scores(q_reps, p_reps, G)  # (B, G) before the temperature
+        local = raw_local / self.temperature  # (B, G)
         if mode == "normal":
             if cross:
                 all_p = distributed.all_gather_with_grad(p_reps)  # (W * B * G, D)
                 offset = distributed.info().rank * B
             else:
                 all_p, offset = p_reps, 0
-            scores = losses.similarity(q_reps, all_p) / self.temperature  # (B, N)
-            if false_negative_mask is not None and false_negative_mask.shape != scores.shape:
+            if false_negative_mask is not None and false_negative_mask.shape != (B, all_p.shape[0]):
                 raise ValueError(
-                    f"false_negative_mask must be (queries, all passages) = {tuple(scores.shape)}, "
+                    f"false_negative_mask must be (queries, all passages) = {(B, all_p.shape[0])}, "
                     f"got {tuple(false_negative_mask.shape)}"
                 )
-            loss = losses.in_batch_contrastive_loss(scores, G, offset, false_negative_mask)
+            if opts.is_default:
+                scores = losses.similarity(q_reps, all_p) / self.temperature  # (B, N)
+                loss = losses.in_batch_contrastive_loss(scores, G, offset, false_negative_mask)
+            else:
+                loss, scores = self._extended_loss(q_reps, all_p, G, offset, cross, mask_teacher, false_negative_mask, metrics)
         else:
             scores = local
             fn_local = None
@@ -354,17 +402,64 @@ class BiEncoderModel(nn.Module):
                         f"in 'custom' mode false_negative_mask must be (queries, group) = {(B, G)}, "
                         f"got {tuple(false_negative_mask.shape)}"
                     )
+            if opts.margin is not None or (opts.teacher_margin is not None and mask_teacher is not None):
+                fn_local = self._local_masks(raw_local, mask_teacher, fn_local, metrics)
             loss = losses.local_contrastive_loss(local, fn_local)
         metrics["contrastive"] = float(loss.detach())
         if teacher is not None:
             kd = losses.distillation_loss(local, teacher, self.teacher_temperature, self.distill_loss)
             metrics["distillation"] = float(kd.detach())
             loss = loss + self.distill_weight * kd
+        if self.embed_distill is not None and teacher_embeddings is not None:
+            tq, tp = (torch.as_tensor(t, device=q_reps.device) for t in teacher_embeddings)  # (B, Dt), (B * G, Dt)
+            # the similarity term scores the passages the contrastive loss does (all ranks' in "normal" mode)
+            gather = cross and mode == "normal"
+            all_p = distributed.all_gather_with_grad(p_reps) if gather else p_reps
+            all_tp = distributed.all_gather_with_grad(tp.contiguous()) if gather else tp
+            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p, all_tp)
+            metrics.update(parts)
+            loss = loss + ed
         if cross:
             # Report the global value; keep this rank's gradient (value shift is detached).
             global_loss = distributed.all_reduce_mean(loss)
             loss = loss + (global_loss - loss).detach()
         return loss, scores, metrics
+
+    def _extended_loss(self, q_reps, all_p, G, offset, cross, teacher, false_negative_mask, metrics):
+        """The "normal" loss with ``self.loss_options``; records the fraction of negatives each mask removed."""
+        opts = self.loss_options
+        all_q = distributed.all_gather_with_grad(q_reps) if cross and opts.needs_all_queries else q_reps  # (Q, D)
+        masks = {"false_negatives": false_negative_mask}
+        if opts.teacher_margin is not None and teacher is not None:
+            masks["teacher_margin"] = losses.teacher_margin_mask(teacher, opts.teacher_margin, all_p.shape[0], offset)
+        res = losses.extended_contrastive_loss(
+            q_reps, all_p, G, self.temperature, offset, all_q, masks, opts.margin,
+            opts.directions, opts.partition_mode, opts.hardness_mode, opts.hardness_strength,
+        )
+        target = losses.positive_columns(q_reps.shape[0], G, offset, q_reps.device)
+        if res.masks:
+            any_mask = torch.stack(list(res.masks.values())).any(0)
+            res.masks["any"] = any_mask
+        for name, m in res.masks.items():
+            metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        return res.loss, res.scores
+
+    def _local_masks(self, raw_local, teacher, fn_local, metrics):
+        """Custom mode: margin and teacher-margin masks over each query's own group (B, G)."""
+        opts = self.loss_options
+        B, G = raw_local.shape
+        target = torch.zeros(B, dtype=torch.long, device=raw_local.device)
+        masks = {"false_negatives": None if fn_local is None else fn_local.to(raw_local.device, torch.bool)}
+        if opts.margin is not None:
+            masks["margin"] = losses.margin_mask(raw_local, raw_local[:, 0], opts.margin)
+        if opts.teacher_margin is not None and teacher is not None:
+            masks["teacher_margin"] = teacher.detach() > teacher[:, :1].detach() + opts.teacher_margin  # (B, G)
+        masks = {k: v for k, v in masks.items() if v is not None}
+        combined = torch.stack(list(masks.values())).any(0)
+        masks["any"] = combined
+        for name, m in masks.items():
+            metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        return combined
 
     @staticmethod
     def _teacher_tensor(teacher_scores, B: int, G: int, device) -> torch.Tensor | None:
@@ -378,7 +473,8 @@ class BiEncoderModel(nn.Module):
         return t.reshape(B, G)
 
     # --------------------------------------------------------- gradient caching
-    def _forward_grad_cache(self, query, passage, mode, teacher_scores, false_negative_mask) -> EncoderOutput:
+    def _forward_grad_cache(self, query, passage, mode, teacher_scores, false_negative_mask,
+                            teacher_embeddings=None) -> EncoderOutput:
         """Encode without graph, cache d(loss)/d(embeddings), re-encode chunk by chunk in backward."""
         sides = []
         for feats in (query, passage):
@@ -391,8 +487,11 @@ class BiEncoderModel(nn.Module):
             sides.append(gradcache.encode_without_graph(self._encode_padded, chunks))
         q_side, p_side = sides
         with torch.enable_grad():
-            loss, scores, metrics = self.compute_loss(q_side.reps, p_side.reps, mode, teacher_scores, false_negative_mask)
-            q_grad, p_grad = torch.autograd.grad(loss, [q_side.reps, p_side.reps], allow_unused=True)
+            loss, scores, metrics = self.compute_loss(q_side.reps, p_side.reps, mode, teacher_scores, false_negative_mask,
+                                                      teacher_embeddings)
+            # Parameters of the loss itself (the distillation projection) get their gradient here, not on replay.
+            head = [p for p in self.embed_distill.parameters() if p.requires_grad] if self.embed_distill is not None else []
+            q_grad, p_grad, *head_grads = torch.autograd.grad(loss, [q_side.reps, p_side.reps, *head], allow_unused=True)
         grads = [
             q_grad if q_grad is not None else torch.zeros_like(q_side.reps),
             p_grad if p_grad is not None else torch.zeros_like(p_side.reps),
@@ -405,12 +504,27 @@ class BiEncoderModel(nn.Module):
             # Runs inside the caller's loss.backward(); grad_output carries any loss scaling
             # (1 / accumulation steps, AMP scale).
             gradcache.backward_cached(self._encode_padded, sides, grads, no_sync=no_sync, grad_scale=grad_output)
+            for param, g in zip(head, head_grads):
+                if g is not None:
+                    g = g * grad_output
+                    param.grad = g if param.grad is None else param.grad + g
             return grad_output
 
         cached_loss.register_hook(_replay)
         return EncoderOutput(
             loss=cached_loss, scores=scores.detach(), q_reps=q_side.reps.detach(), p_reps=p_side.reps.detach(), metrics=metrics
         )
+
+    # ------------------------------------------------- embedding distillation
+    def enable_embedding_distillation(self, teacher_dim: int, embed_weight: float = 1.0, similarity_weight: float = 0.0,
+                                      distance: str = "cosine", student_dim: int | None = None) -> "EmbeddingDistillation":
+        """Add the teacher-embedding terms (a trained projection D -> Dt; never exported by ``save``)."""
+        if student_dim is None:
+            student_dim = int(_base_model_of(unwrap(self.model)).config.hidden_size)
+        device = next(self.model.parameters()).device
+        self.embed_distill = EmbeddingDistillation(student_dim, teacher_dim, embed_weight, similarity_weight,
+                                                   distance).to(device)
+        return self.embed_distill
 
     # ------------------------------------------------------------ memory knobs
     def gradient_checkpointing_enable(self, **kwargs) -> None:

@@ -20,7 +20,8 @@ import contextlib
 import torch
 from torch import nn
 
-from .backbone import decoder_layers
+from ..backbone import decoder_layers
+from .common import swapped
 
 
 def _last_mlp(backbone: nn.Module) -> nn.Module | None:
@@ -43,7 +44,7 @@ def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
     if mlp is None or torch.is_grad_enabled():
         yield
         return
-    original = mlp.forward
+    original = mlp.forward  # the class's forward, bound
 
     def forward(hidden_states, *args, **kwargs):
         if hidden_states.shape[:-1] != positions.shape:
@@ -54,16 +55,13 @@ def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
         out[where] = selected
         return out
 
-    mlp.forward = forward
-    try:
+    with swapped(mlp, "forward", forward):
         yield
-    finally:
-        del mlp.forward  # the class's forward again
 
 
 def pooled_positions(attention_mask: torch.Tensor, pooling: str) -> torch.Tensor | None:
     """(B, T) bool: the token each row is pooled at, or None when pooling reads every token."""
-    from .pooling import first_token_indices, last_token_indices
+    from ..pooling import first_token_indices, last_token_indices
 
     if pooling == "last":
         index = last_token_indices(attention_mask)

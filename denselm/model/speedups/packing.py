@@ -22,6 +22,11 @@ Attention must never cross a sequence boundary.  Which kernel does that:
 Rows are bounded by ``max_tokens`` so that no step ever attends (or masks)
 over a whole batch's tokens at once.
 
+The backbone's config names ``denselm_packed`` only inside ``attention_scope``
+(each packed forward, and each block's recomputation when gradient
+checkpointing replays it during backward); after the scope the config is as it
+was, so the backbone can be saved, wrapped or used elsewhere unchanged.
+
 Packed positions start at 0 for every sequence, i.e. the padded path's
 ``position_ids="from_zero"`` policy; with rotary embeddings (Llama, Qwen,
 Mistral) every policy gives the same attention scores, as RoPE only sees
@@ -30,16 +35,21 @@ relative positions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pooling import pool_packed
+from ..backbone import decoder_layers
+from ..pooling import pool_packed
+from .common import SharedSwitch, swapped
+from .pooled_only import last_mlp_only_at, packed_positions
 
 logger = logging.getLogger(__name__)
 
@@ -280,23 +290,104 @@ def _config(backbone: nn.Module):
     return config
 
 
-def attn_implementation(backbone: nn.Module) -> str | None:
+def config_attn_implementation(backbone: nn.Module) -> str | None:
+    """The attention implementation the backbone's config names right now."""
     config = _config(backbone)
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
 
-def enable(backbone: nn.Module) -> str | None:
-    """Switch an ``sdpa`` backbone to ``denselm_packed`` (identical on padded inputs); returns the implementation.
+def attn_implementation(backbone: nn.Module) -> str | None:
+    """The attention implementation a packed forward of this backbone runs.
 
-    The switch is permanent on purpose: gradient checkpointing re-runs the
-    attention during backward and must find the same kernel.
+    ``denselm_packed`` for an ``sdpa`` backbone (whose config names it only inside
+    ``attention_scope``), else the backbone's own (flash kernels, eager, ...).
     """
-    impl = attn_implementation(backbone)
-    if impl == "sdpa":
+    impl = config_attn_implementation(backbone)
+    return ATTN_IMPLEMENTATION if impl in ("sdpa", ATTN_IMPLEMENTATION) else impl
+
+
+def enable(backbone: nn.Module) -> str | None:
+    """Register ``denselm_packed`` with transformers; returns the implementation packed forwards will run.
+
+    The backbone's config is not touched here: ``attention_scope`` switches it for
+    each packed forward (and for its recomputation under gradient checkpointing).
+    """
+    register_attention()
+    return attn_implementation(backbone)
+
+
+def _config_tree(config) -> list:
+    """The config and its sub-configs, parents before children (the order to restore them in)."""
+    out = [config]
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            out.extend(_config_tree(sub))
+    return out
+
+
+def _switch_config(config) -> Callable[[], None]:
+    """Name ``denselm_packed`` in the config; returns what restores every (sub-)config's old value."""
+    old = [(c, c._attn_implementation) for c in _config_tree(config)]
+    config._attn_implementation = ATTN_IMPLEMENTATION  # the setter also sets the sub-configs
+
+    def restore():
+        for c, impl in old:  # parents first: a parent's setter overwrites its children
+            c._attn_implementation = impl
+
+    return restore
+
+
+_switch = SharedSwitch(_switch_config)
+
+
+def _recompute_in_scope(backbone: nn.Module, checkpoint_fn: Callable) -> Callable:
+    """A block's checkpointing function whose forward (and backward's recompute of it) runs in the scope.
+
+    The recompute happens during ``loss.backward()``, after the packed forward's
+    scope has ended; without this it would run the config's ``sdpa`` on a packed
+    row and let attention cross sequence boundaries.
+    """
+
+    def checkpoint(function, *args, **kwargs):
+        def in_scope(*a, **k):
+            with attention_scope(backbone):
+                return function(*a, **k)
+
+        return checkpoint_fn(in_scope, *args, **kwargs)
+
+    return checkpoint
+
+
+@contextlib.contextmanager
+def attention_scope(backbone: nn.Module) -> Iterator[None]:
+    """Within the scope an ``sdpa`` backbone's config names ``denselm_packed``; on exit it is as before.
+
+    Nested and concurrent scopes share one switch (the last to leave restores).  Blocks
+    under gradient checkpointing get a checkpointing function that re-enters the scope
+    when backward recomputes them.  A no-op for other implementations.
+    """
+    config = _config(backbone)
+    if config is None or config_attn_implementation(backbone) not in ("sdpa", ATTN_IMPLEMENTATION):
+        yield
+        return
+    from transformers import AttentionInterface
+
+    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:  # register once, keep a test's override
         register_attention()
-        _config(backbone)._attn_implementation = ATTN_IMPLEMENTATION
-        impl = ATTN_IMPLEMENTATION
-    return impl
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_switch.scope(config))
+        if torch.is_grad_enabled():
+            try:
+                layers = decoder_layers(backbone)
+            except ValueError:
+                layers = []
+            for layer in layers:
+                fn = vars(layer).get("_gradient_checkpointing_func")
+                if getattr(layer, "gradient_checkpointing", False) and fn is not None:
+                    stack.enter_context(swapped(layer, "_gradient_checkpointing_func",
+                                                _recompute_in_scope(backbone, fn)))
+        yield
 
 
 def forward_packed(backbone: nn.Module, packed: PackedBatch) -> torch.Tensor:
@@ -312,18 +403,13 @@ def forward_packed(backbone: nn.Module, packed: PackedBatch) -> torch.Tensor:
             kwargs["attention_mask"] = torch.ones_like(packed.input_ids)
     # else: attention_mask=None and transformers derives a block-diagonal mask from position-id resets.
     # (Masks are built once per forward, not again when checkpointing recomputes a layer.)
-    _state.packed = impl == ATTN_IMPLEMENTATION
-    try:
+    with attention_scope(backbone), swapped(_state, "packed", impl == ATTN_IMPLEMENTATION):
         out = backbone(**kwargs, return_dict=True, use_cache=False)
-    finally:
-        _state.packed = False
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def encode_packed(backbone: nn.Module, packed: PackedBatch, pooling: str = "last") -> torch.Tensor:
     """(N, D) pooled hidden states of one packed row."""
-    from .pooled_only import last_mlp_only_at, packed_positions
-
     positions = packed_positions(packed.cu_seqlens.to(packed.input_ids.device), packed.num_tokens, pooling)
     with last_mlp_only_at(backbone, positions):  # a no-op when gradients are enabled
         hidden = forward_packed(backbone, packed)  # (1, total, D)
@@ -337,6 +423,5 @@ def encode_features(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
     """A padded batch through the backbone packed, in rows of at most ``max_tokens`` real tokens. (B, D)"""
-    enable(backbone)
     parts = [encode_packed(backbone, p, pooling) for p in pack_rows(features, max_tokens)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

