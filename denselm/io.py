@@ -18,13 +18,15 @@ Rules every writer here keeps:
 - An ``OSError`` becomes one line naming the path and what to do (``os_error``): disk full and
   permission problems are ``EnvironmentProblem`` (exit 3).
 
-Fault injection (tests only): ``fault_point(name)`` is called at named points (``write``: an atomic
-file half written; ``folder``: an atomic folder complete but not yet renamed; ``checkpoint``: between a
-checkpoint's files; ``train.step``: after an optimizer step; ``encode.shard``: after a shard).  A spec
-``POINT:KIND[@N]`` (comma-separated, POINT an fnmatch pattern, fire at the N-th hit, default 1) comes
-from ``$DENSELM_FAULT`` (subprocess tests) or ``with io.faults(spec):`` (in-process tests).  KIND is
-``kill`` (SIGKILL: nothing can soften it), ``crash`` (RuntimeError "simulated crash"), ``enospc`` or
-``eio`` (the OSError a full or failing disk raises).
+Fault injection (tests only): ``fault_point(name)`` is called at named points:
+``write`` (an atomic file fully in its temp, not yet renamed: what a kill mid-write leaves),
+``folder`` / ``model`` / ``export`` / ``convert`` / ``checkpoint.commit`` (an atomic folder complete,
+not yet renamed), ``checkpoint`` (between a checkpoint's files), ``train.step`` (after an optimizer
+step), ``encode.shard`` (after a shard).  A spec ``POINT:KIND[@N]`` (comma-separated; POINT an
+fnmatch pattern; fire at the N-th hit, default 1) comes from ``$DENSELM_FAULT`` (subprocess tests)
+or ``with io.faults(spec):`` (in-process tests).  KIND is ``kill`` (SIGKILL: nothing can soften
+it), ``crash`` (RuntimeError "simulated crash"), ``enospc`` or ``eio`` (the OSError a full or
+failing disk raises).
 """
 
 from __future__ import annotations

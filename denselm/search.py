@@ -25,7 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 from .embeddings import load_embeddings
-from .errors import InputNotFound, UserError
+from .errors import DataError, InputNotFound, UserError
 from .io import atomic_file, check_writable, write_trec_run
 
 INDEX_KINDS = ("exact", "flat", "ivf", "hnsw")
@@ -67,7 +67,7 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def _raise_nan(queries: torch.Tensor, chunk: torch.Tensor, query_offset: int, doc_offset: int) -> None:
     bad_q = ((~torch.isfinite(queries)).any(dim=1).nonzero().squeeze(1) + query_offset).tolist()
     bad_d = ((~torch.isfinite(chunk)).any(dim=1).nonzero().squeeze(1) + doc_offset).tolist()
-    raise ValueError(
+    raise DataError(
         f"NaN scores: NaN/inf in query rows {bad_q[:5]}, corpus rows {bad_d[:5]} (overflow in fp16 encoding?)"
     )
 
@@ -185,7 +185,7 @@ def build_index(
     elif kind == "ivf":
         nlist = nlist or default_nlist(x.shape[0])
         if nlist > x.shape[0]:
-            raise ValueError(f"--nlist {nlist} exceeds the corpus size {x.shape[0]}")
+            raise UserError(f"--nlist {nlist} exceeds the corpus size {x.shape[0]}")
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)  # k-means with FAISS's fixed seed: deterministic for a given thread count
@@ -195,7 +195,7 @@ def build_index(
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
     else:
-        raise ValueError(f"--index must be one of flat, ivf, hnsw for FAISS, got {kind!r}")
+        raise UserError(f"--index must be one of flat, ivf, hnsw for FAISS, got {kind!r}")
     index.add(x)
     return index
 

@@ -24,9 +24,11 @@ from denselm.errors import ConfigError, UserError
 
 
 def one_line_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"denselm {command}: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    """The one error line on stderr (log lines and progress bars may share stderr)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and lines[0].startswith(f"denselm {command}: error: ") and "Traceback" not in err, err
+    return lines[0]
 
 
 @pytest.fixture
@@ -199,7 +201,7 @@ def test_encode_output_under_a_file_is_checked_before_the_model(tmp_path, blocke
     assert "is a regular file" in one_line_error(capsys, "encode")
 
 
-def test_evaluate_export_mine_score_check_outputs_first(tmp_path, blocker, capsys):
+def test_evaluate_export_mine_search_convert_check_outputs_first(tmp_path, blocker, capsys):
     fixture = Path(__file__).parent / "fixtures" / "beir_tiny"
     model = tmp_path / "not-a-model"
     model.mkdir()
@@ -210,6 +212,14 @@ def test_evaluate_export_mine_score_check_outputs_first(tmp_path, blocker, capsy
     lines = write_jsonl(tmp_path / "train.jsonl", numbered_rows("apple", 4, num_neg=2))
     assert main(["mine", "--model", str(model), "--input", str(lines), "--output", str(blocker / "o.jsonl")]) == 3
     assert "is a regular file" in one_line_error(capsys, "mine")
+    # search: before reading embeddings (these do not even exist); convert-gguf: before reading the GGUF
+    assert main(["search", "--queries", str(tmp_path / "q"), "--corpus", str(tmp_path / "c"),
+                 "--output", str(blocker / "run.trec")]) == 3
+    assert "is a regular file" in one_line_error(capsys, "search")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf")
+    assert main(["convert-gguf", "--gguf", str(fake), "--output", str(blocker / "model")]) == 3
+    assert "is a regular file" in one_line_error(capsys, "convert-gguf")
 
 
 def test_missing_extras_are_one_line(tmp_path, monkeypatch, capsys):
@@ -275,3 +285,24 @@ def test_encode_progress_advances_per_batch(tmp_path):
     enc.on_batch = calls.append
     enc.encode_corpus([f"text number {i}" for i in range(10)])
     assert calls == [4, 4, 2]
+
+
+@pytest.mark.timeout(300)
+def test_kill_mid_checkpoint_then_resume_cleans_leftovers(tmp_path):
+    from tiny_models import make_model_dir
+
+    from denselm import checkpoint as ckpt
+    from denselm.io import FAULT_ENV, TMP_PREFIX
+
+    cfg = train_config(tmp_path, str(make_model_dir(tmp_path / "tiny")), max_steps=3, save_every=1, keep_last=5)
+    env = {**os.environ, FAULT_ENV: "checkpoint:kill@2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "denselm", "train", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    root = tmp_path / "out" / "checkpoints"
+    left = [p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert len(left) == 1 and "step-0000002" in left[0]  # the half-written checkpoint, recognisably named
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "out")] == ["step-0000001"]
+    assert main(["train", str(cfg), "--resume"]) == 0
+    assert [p.name for p in root.iterdir()] and not [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "out")] == ["step-0000001", "step-0000002", "step-0000003"]
