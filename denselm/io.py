@@ -407,6 +407,21 @@ def iter_lines(path: str | os.PathLike, display: str | os.PathLike | None = None
             raise os_error(err, display, "reading") from None
 
 
+def copy_decompressed(src: str | os.PathLike, dst, display: str | os.PathLike | None = None) -> None:
+    """Stream ``src`` (``.gz`` or plain) into the binary file object ``dst`` in 1 MiB blocks; a corrupt
+    or truncated archive is one DataError naming ``display`` (default ``src``)."""
+    src = Path(src)
+    display = str(display or src)
+    with translate_os_errors(display, "reading"):
+        f = gzip.open(src, "rb") if src.name.endswith(".gz") else open(src, "rb")
+    with f:
+        try:
+            while block := f.read(1 << 20):
+                dst.write(block)
+        except _GZIP_ERRORS as err:
+            raise _gzip_error(display, err) from None
+
+
 def decode_line(raw: bytes, where: str) -> str:
     """UTF-8 text of a raw line (newline stripped); DataError naming ``where`` (FILE:LINE) otherwise."""
     try:

@@ -317,7 +317,7 @@ def decompressed_copy(path: str | os.PathLike) -> Path:
     keyed by the file's path, size and mtime; written atomically and reused."""
     import hashlib
 
-    from denselm.io import atomic_file
+    from denselm.io import atomic_file, copy_decompressed
 
     src = Path(path).resolve()
     st = src.stat()
@@ -325,10 +325,8 @@ def decompressed_copy(path: str | os.PathLike) -> Path:
     cache = Path(os.environ.get("DENSELM_CACHE", Path.home() / ".cache" / "denselm")) / "jsonl"
     target = cache / f"{src.name[:-3]}.{key}"
     if not target.exists():
-        # iter_lines turns a corrupt or truncated .gz into one DataError naming the user's file
-        with atomic_file(target) as fout:
-            for _line_no, _offset, raw in iter_lines(src, path):
-                fout.write(raw)
+        with atomic_file(target) as fout:  # a corrupt or truncated .gz: one DataError naming the user's file
+            copy_decompressed(src, fout, path)
     return target
 
 
