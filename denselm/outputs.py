@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from .errors import OutputExists, UserError
-from .io import check_writable, is_temp_name, remove_stale_temps
+from .io import check_writable, is_temp_name, remove_stale_temps, translate_os_errors
 
 RUN_ENTRIES = frozenset({
     "checkpoints",   # checkpoints/step-NNNNNNN (denselm.checkpoint)
@@ -67,11 +67,12 @@ def check_run_folder(output_dir: str | os.PathLike, resume: str | None, overwrit
         raise UserError("--resume and --overwrite exclude each other: continue the run, or clear it and start over")
     if resume is not None or not output_dir.is_dir():
         return
-    entries = sorted(p.name for p in output_dir.iterdir())
+    with translate_os_errors(output_dir, "reading"):
+        entries = sorted(p.name for p in output_dir.iterdir())
+        foreign = _foreign_entry(output_dir) if entries and overwrite else None
     if not entries:
         return
     if overwrite:
-        foreign = _foreign_entry(output_dir)
         if foreign is not None:
             raise OutputExists(
                 f"--overwrite: train.output_dir {output_dir} holds {foreign}, which denselm did not write; "
@@ -94,7 +95,8 @@ def clear_run_folder(output_dir: str | os.PathLike) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    foreign = _foreign_entry(output_dir)
+    with translate_os_errors(output_dir, "reading"):
+        foreign = _foreign_entry(output_dir)
     if foreign is not None:
         raise OutputExists(
             f"--overwrite: {output_dir} holds {foreign}, which denselm did not write; "
@@ -102,10 +104,11 @@ def clear_run_folder(output_dir: str | os.PathLike) -> list[Path]:
         )
     removed = []
     for entry in sorted(output_dir.iterdir()):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        with translate_os_errors(entry, "deleting"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         removed.append(entry)
     return removed
 
