@@ -120,6 +120,17 @@ def test_rerun_without_resume_is_refused_and_overwrite_starts_clean(tmp_path, mo
     assert (out / "model").is_dir() and temps_under(out) == []
 
 
+@pytest.mark.timeout(300)
+def test_resume_before_the_first_checkpoint_starts_over_without_mixing_logs(tmp_path, model_dir):
+    cfg = small_config(tmp_path, model_dir, save_every=0, max_steps=2)
+    out = tmp_path / "out"
+    with faults("train.step:crash@1"), pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", str(cfg)])  # died after logging step 1, before any checkpoint
+    assert sorted(read_log(out)) == [1] and ckpt.list_checkpoints(out) == []
+    assert main(["train", str(cfg), "--resume"]) == 0  # nothing to resume: from step 0, old lines dropped
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def fake_run_folder(out: Path, outside: Path) -> None:
     """What an earlier run leaves, plus symlinks that point out of the folder."""
     (out / "checkpoints" / "step-0000001").mkdir(parents=True)
