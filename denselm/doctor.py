@@ -36,7 +36,7 @@ import re
 import time
 import zlib
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -376,7 +376,10 @@ def check_dataset(path: str, settings: Settings, eval_index: EvalIndex | None = 
                   tokenizer=None, data_cfg=None, teacher_temperature: float = 1.0, encoder=None,
                   instruction: str | None = None) -> dict:
     """Every check on one dataset file; the report section as a JSON-able dict."""
+    from denselm.data.config import DataConfig
     from denselm.data.formats import parse_example
+
+    data_cfg = data_cfg or DataConfig()
 
     t0 = time.perf_counter()
     from denselm.data.formats import decompressed_copy
@@ -601,11 +604,12 @@ def truncation(tokenizer, cfg, lines: Sequence[dict], file_type: str | None, rng
 
     q_texts = ["".join(split_query(t, prompt_of(o), o["query"])) for o in lines]
     q_len = lengths(q_texts) + prefix + 1  # + BOS (if any) + the EOS we append
-    passages = list(dict.fromkeys(p for o in lines for p in [*o["pos"], *(o.get("neg") or [])]))
-    if spec.passages_like_queries:
-        p_texts = ["".join(split_query(t, cfg.prompt or "", p)) for p in passages]
+    if spec.passages_like_queries:  # symmetric tasks: passages get the line's instruction, as queries do
+        p_texts = list(dict.fromkeys("".join(split_query(t, prompt_of(o), p))
+                                     for o in lines for p in [*o["pos"], *(o.get("neg") or [])]))
     else:
-        p_texts = [format_passage(t, p, cfg.passage_prefix) for p in passages]
+        p_texts = [format_passage(t, p, cfg.passage_prefix)
+                   for p in dict.fromkeys(p for o in lines for p in [*o["pos"], *(o.get("neg") or [])])]
     p_len = lengths(p_texts) + prefix + 1
 
     def part(lens, limit):

@@ -99,7 +99,7 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _bounded(model, texts: Sequence[str], limit) -> list[str]:
+def teacher_texts(model, texts: Sequence[str], limit) -> list[str]:
     """Texts cut to a prefix whose first ``limit`` teacher tokens are the whole text's.
 
     sentence-transformers tokenizes a text whole before truncating it (seconds
@@ -125,8 +125,8 @@ def bi_encoder_scores(
     ut = list(dict.fromkeys(t for ts in texts_per_line for t in ts))
     kw = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=len(ut) > 1000)
     limit = getattr(model, "max_seq_length", None)
-    q_emb = model.encode(_bounded(model, uq, limit), prompt=query_prompt, **kw)  # (Q, D)
-    t_emb = model.encode(_bounded(model, ut, limit), prompt=passage_prompt, **kw)  # (T, D)
+    q_emb = model.encode(teacher_texts(model, uq, limit), prompt=query_prompt, **kw)  # (Q, D)
+    t_emb = model.encode(teacher_texts(model, ut, limit), prompt=passage_prompt, **kw)  # (T, D)
     q_at, t_at = {q: i for i, q in enumerate(uq)}, {t: i for i, t in enumerate(ut)}
     out = []
     with torch.no_grad():
@@ -147,7 +147,7 @@ def cross_encoder_scores(
     limit = getattr(model, "max_length", None)
     uq = list(dict.fromkeys(q for q, _ in pairs))
     ut = list(dict.fromkeys(t for _, t in pairs))
-    cut = {**dict(zip(uq, _bounded(model, uq, limit))), **dict(zip(ut, _bounded(model, ut, limit)))}
+    cut = {**dict(zip(uq, teacher_texts(model, uq, limit))), **dict(zip(ut, teacher_texts(model, ut, limit)))}
     logits = np.asarray(model.predict([(cut[q], cut[t]) for q, t in pairs], batch_size=batch_size,
                                       activation_fn=torch.nn.Identity(),
                                       convert_to_numpy=True, show_progress_bar=len(pairs) > 1000), dtype=np.float64)

@@ -100,8 +100,12 @@ class TeacherEmbeddings:
         missing = [k for k in unique if k not in found]
         self.cache_hits += len(unique) - len(missing)
         if missing:
+            from denselm.score import teacher_texts
+
             text_of = dict(zip(keys, texts))
-            vecs = self.model.encode([text_of[k] for k in missing], batch_size=self.batch_size,
+            # only a bounded prefix of each text reaches the teacher's tokenizer (same tokens after its truncation)
+            inputs = teacher_texts(self.model, [text_of[k] for k in missing], getattr(self.model, "max_seq_length", None))
+            vecs = self.model.encode(inputs, batch_size=self.batch_size,
                                      convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
             self.computed += len(missing)
             with db:

@@ -58,6 +58,39 @@ def test_teacher_cache_hit_avoids_recompute(tmp_path):
     assert second.computed == 1 and second.cache_hits == 3
 
 
+def test_teacher_sees_a_bounded_prefix_of_a_huge_text(tmp_path):
+    """A 5 MB passage reaches MiniLM's tokenizer cut (denselm.score.teacher_texts); the embedding is the whole text's."""
+    import time
+
+    from denselm.teacher_embeddings import TeacherEmbeddings
+
+    _minilm()
+    teacher = TeacherEmbeddings("minilm", tmp_path / "teacher.sqlite")
+    words = "how do I sort a dict by value in python use sorted with a key function ".split()
+    rng = np.random.default_rng(0)
+    huge = " ".join(rng.choice(words, size=5 * 2**20 // 5))
+    medium = huge[:60_000]  # many times the 256-token cut, cheap to tokenize whole
+    expected = teacher.embed([medium])
+    tok = teacher.model.tokenizer
+    calls, real = [], type(tok).__call__
+
+    class Spy(type(tok)):
+        def __call__(self, text, *a, **kw):
+            calls.append(max(map(len, [text] if isinstance(text, str) else text)))
+            return real(self, text, *a, **kw)
+
+    tok.__class__ = Spy
+    try:
+        t0 = time.perf_counter()
+        got = teacher.embed([huge])
+        seconds = time.perf_counter() - t0
+    finally:
+        tok.__class__ = Spy.__mro__[1]
+    # the bound that matters is what the tokenizer saw; the time bound is loose for loaded CI machines
+    assert max(calls) < 60_000 and seconds < 10.0, (max(calls), seconds)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def _inputs(B=3, G=2, Dt=5, seed=0):
     query, _ = random_batch(B, 3, 8, seed=seed)
     passage, _ = random_batch(B * G, 4, 12, seed=seed + 1)
@@ -116,7 +149,8 @@ def test_training_checkpoints_the_projection_and_exports_none(tmp_path):
     assert not any("embed_distill" in k or "projection" in k for k in exported)
     # resume reads the head back
     from denselm.config import load_config
-    from denselm.train import build_model, build_teacher, build_tokenizer, load_trainable
+    from denselm.checkpoint import load_trainable
+    from denselm.train import build_model, build_teacher, build_tokenizer
 
     c = load_config(cfg)
     tok, added = build_tokenizer(c)

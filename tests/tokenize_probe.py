@@ -9,7 +9,7 @@ allocations are invisible to tracemalloc).  The peak is Linux's VmHWM, reset
 just before the call through /proc/self/clear_refs; where that is refused it is
 ``ru_maxrss``, which also holds earlier peaks (loading the tokenizer), so the
 number can only come out too high.  ``maxrss_mb`` is the plain ``ru_maxrss``
-delta.  ``--whole`` measures the old path instead: tokenize the whole text, then
+delta (None once the peak was reset: the reset lowers ``ru_maxrss`` too).  ``--whole`` measures the old path instead: tokenize the whole text, then
 cut.  The texts have no spaces: one pre-token for byte-level BPE.
 """
 
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     else:
         ids = tokenize_with_eos(tok, [text], args.max_len)
     seconds = time.perf_counter() - t0
-    maxrss = max_rss_mb() - before
+    maxrss = None if hwm else max_rss_mb() - before
     rss = _status_mb("VmHWM") - rss_before if hwm else max_rss_mb() - before
     print(json.dumps({"ids": ids[0], "seconds": seconds, "rss_mb": rss, "maxrss_mb": maxrss,
                       "peak_source": "VmHWM" if hwm else "ru_maxrss", "chars": len(text), "baseline_mb": before}))

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, gradcache, losses
+from ..parallel import base_model as _base_model_of
+from ..parallel import unwrap
 from ..data.tokenize import special_tokens
 from . import speedups
 from .speedups import packing as packing_lib
@@ -368,6 +370,7 @@ class BiEncoderModel(nn.Module):
         opts = self.loss_options
         raw_local = losses.group_scores(q_reps, p_reps, G)  # (B, G) before the temperature
         local = raw_local / self.temperature  # (B, G)
+        all_p = p_reps  # (N, D): the passages scored against
         if mode == "normal":
             if cross:
                 all_p = distributed.all_gather_with_grad(p_reps)  # (W * B * G, D)
@@ -414,9 +417,8 @@ class BiEncoderModel(nn.Module):
             tq, tp = (torch.as_tensor(t, device=q_reps.device) for t in teacher_embeddings)  # (B, Dt), (B * G, Dt)
             # the similarity term scores the passages the contrastive loss does (all ranks' in "normal" mode)
             gather = cross and mode == "normal"
-            all_p = distributed.all_gather_with_grad(p_reps) if gather else p_reps
             all_tp = distributed.all_gather_with_grad(tp.contiguous()) if gather else tp
-            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p, all_tp)
+            ed, parts = self.embed_distill(q_reps, p_reps, tq, tp, all_p if gather else p_reps, all_tp)
             metrics.update(parts)
             loss = loss + ed
         if cross:
@@ -440,8 +442,10 @@ class BiEncoderModel(nn.Module):
         if res.masks:
             any_mask = torch.stack(list(res.masks.values())).any(0)
             res.masks["any"] = any_mask
+        metrics["masked/false_negatives"] = 0.0  # the same keys on every rank, mask or not (logs all-reduce them)
         for name, m in res.masks.items():
             metrics[f"masked/{name}"] = losses.masked_fraction(m, target)
+        metrics.setdefault("masked/any", 0.0)
         return res.loss, res.scores
 
     def _local_masks(self, raw_local, teacher, fn_local, metrics):
@@ -454,6 +458,7 @@ class BiEncoderModel(nn.Module):
             masks["margin"] = losses.margin_mask(raw_local, raw_local[:, 0], opts.margin)
         if opts.teacher_margin is not None and teacher is not None:
             masks["teacher_margin"] = teacher.detach() > teacher[:, :1].detach() + opts.teacher_margin  # (B, G)
+        metrics["masked/false_negatives"] = 0.0  # the same keys on every rank, mask or not
         masks = {k: v for k, v in masks.items() if v is not None}
         combined = torch.stack(list(masks.values())).any(0)
         masks["any"] = combined
@@ -530,7 +535,7 @@ class BiEncoderModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Non-reentrant checkpointing (works with DDP, gradient caching and frozen inputs)."""
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        inner = self.model.module if hasattr(self.model, "module") else self.model
+        inner = unwrap(self.model)
         inner.gradient_checkpointing_enable(**kwargs)
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
@@ -661,23 +666,6 @@ class BiEncoderModel(nn.Module):
         model = cls(model=backbone, tokenizer=tokenizer, manifest=extra, **kwargs)
         model.eval()
         return model
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Strip DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
-def _base_model_of(module: nn.Module) -> nn.Module:
-    if hasattr(module, "get_base_model"):
-        return module.get_base_model()
-    return module
 
 
 def _base_model_path(module: nn.Module) -> str | None:
