@@ -32,6 +32,7 @@ from .io import atomic_write, check_writable, fault_point, remove_stale_temps
 from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
 from .model.encoder import BiEncoderModel
 from .outputs import check_run_folder, clear_run_folder
+from .spec import spec_from_config
 
 logger = logging.getLogger("denselm.train")
 ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through (as args.overrides)
@@ -78,27 +79,13 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
     n_total = sum(p.numel() for p in backbone.parameters())
     logger.info("model: %s, %d layers, %.1fM parameters, %.2fM trainable (float32)", cfg.model.name_or_path,
                 len(decoder_layers(backbone)), n_total / 1e6, n_trainable / 1e6)
-    manifest = {
-        "template": cfg.data.template,
-        # Inference's default query instruction: the global one, else the one evaluation used
-        # (data with per-line prompts has no global one).
-        "prompt": cfg.data.prompt if cfg.data.prompt is not None else cfg.eval.query_instruction,
-        "query_max_len": cfg.data.query_max_len,
-        "passage_max_len": cfg.data.passage_max_len,
-        "passage_prefix": cfg.data.passage_prefix,
-        "added_tokens": added_tokens,
-        "num_layers": cfg.model.num_layers,
-        "base_model": (str(Path(cfg.model.name_or_path).expanduser().resolve())
-                       if Path(cfg.model.name_or_path).expanduser().exists() else cfg.model.name_or_path),
-    }
     model = BiEncoderModel(
         model=backbone,
         tokenizer=tokenizer,
-        normalized=cfg.model.normalized,
+        spec=spec_from_config(cfg, added_tokens),
         temperature=cfg.model.temperature,
         negatives_cross_device=cfg.loss.negatives_cross_device and distributed.info().world_size > 1,
         sub_batch_size=cfg.loss.sub_batch_size,
-        pooling=cfg.model.pooling,
         teacher_temperature=cfg.loss.teacher_temperature,
         distill_weight=cfg.loss.distill_weight,
         distill_loss=cfg.loss.distill_loss,
@@ -106,9 +93,6 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         grad_cache=cfg.loss.grad_cache,
         grad_cache_chunk_size=cfg.loss.grad_cache_chunk_size,
         grad_cache_max_tokens=cfg.loss.grad_cache_max_tokens,
-        position_ids=cfg.model.position_ids,
-        packing=cfg.model.packing,
-        manifest=manifest,
         loss_options=cfg.loss.options(),
     )
     if cfg.model.gradient_checkpointing:
@@ -249,7 +233,8 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data,
 
     strategy = strategy or parallel.Single()
     enc = Encoder(model_for_save(model, strategy), batch_size=cfg.eval.batch_size, show_progress=strategy.is_main)
-    instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
+    # eval.query_instruction, else the spec's prompt (data.prompt: see spec_from_config)
+    instruction = cfg.eval.query_instruction
     ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
     return evaluate_model(lambda t: enc.encode_queries(t, instruction=instruction), enc.encode_corpus, data, ks=ks)
 
@@ -435,14 +420,10 @@ def save_model(model: BiEncoderModel, strategy: parallel.Strategy, path: Path, m
 
 def model_for_save(model: BiEncoderModel, strategy: parallel.Strategy) -> BiEncoderModel:
     """The BiEncoderModel around the unwrapped backbone, for saving and evaluating on one
-    rank without the wrapper's collectives."""
+    rank without the wrapper's collectives (the same spec and settings: ``with_backbone``)."""
     bare = strategy.unwrap(model.model)
     if bare is not model.model:
-        view = BiEncoderModel(model=bare, tokenizer=model.tokenizer, normalized=model.normalized,
-                              temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,
-                              position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
-        view.prefix_cache = model.prefix_cache  # the same frozen layers: evaluation texts are cached too
-        return view
+        return model.with_backbone(bare, negatives_cross_device=False)
     return model
 
 

@@ -7,9 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from denselm.errors import ConfigError
-
 from ..parallel import base_model
+from denselm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
