@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -25,16 +23,17 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed, parallel
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data.dataset import TrainDataset, build_dataloader
 from .data.templates import add_template_tokens, get_template
-from .search import atomic_write_text
+from .errors import ConfigError, ModelNotFound
+from .io import atomic_write, check_writable, fault_point, remove_stale_temps
 from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
 from .model.encoder import BiEncoderModel
 from .spec import spec_from_config
 
 logger = logging.getLogger("denselm.train")
-ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through
+ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through (as args.overrides)
 
 
 class TrainingError(RuntimeError):
@@ -45,7 +44,14 @@ class TrainingError(RuntimeError):
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(Path(cfg.model.name_or_path).expanduser()))
+    name = str(Path(cfg.model.name_or_path).expanduser())
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as err:  # transformers' "not a local folder and not a valid model identifier" (or offline)
+        raise ModelNotFound(
+            f"model.name_or_path {cfg.model.name_or_path}: neither a model folder here nor reachable on the hub "
+            f"({str(err).splitlines()[0][:200]}); give a local folder, or go online / set HF_HUB_OFFLINE=0"
+        ) from None
     if tok.eos_token is None:
         raise ConfigError(f"model.name_or_path: the tokenizer of {cfg.model.name_or_path} has no eos_token")
     added = []
@@ -196,14 +202,15 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint: they are about to be re-run.
             kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+            atomic_write(self.path, "".join(l + "\n" for l in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError:
+                logger.warning("train.tensorboard is true but tensorboard is not installed (pip install tensorboard); "
+                               "logging to %s only", self.path)
+            else:
                 self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -245,6 +252,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     resume_path = strategy.broadcast_object(ckpt.resolve_resume(output_dir, resume))
     if resume is None and (output_dir / "model").exists():
         raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
+    check_writable(output_dir, "train.output_dir")  # before any model loads
+    if strategy.is_main:
+        for folder in (output_dir, output_dir / "checkpoints"):
+            remove_stale_temps(folder)  # leftovers of a killed checkpoint or model write
     device = pick_device(cfg)
     torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank (a sharded wrap does not broadcast it)
 
@@ -288,7 +299,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     if strategy.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = RunLog(output_dir, strategy.is_main, cfg.train.tensorboard, step if resume_path else None)
     loader = build_dataloader(dataset, *dataset.position(step), num_batches=total_steps - step)
     batches = iter(loader)  # draws a seed from the torch RNG: before restoring it, as in the first run
@@ -346,7 +357,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
                   "same_document_masked": batch.num_same_document,
-                  "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
+                  "epoch": round(step / dataset.steps_per_epoch, 4),
+                  "truncated_queries": batch.num_truncated_queries, "truncated_passages": batch.num_truncated_passages,
+                  "icl_examples": batch.num_icl_examples, **parts}
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
         if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
@@ -367,8 +380,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
             save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, best, output_dir)
-        if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash no handler can soften
+        fault_point("train.step")  # tests: DENSELM_FAULT=train.step:kill@3 (see denselm.io)
 
     if progress is not None:
         progress.close()
@@ -419,8 +431,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    overrides = list(getattr(args, "_unknown", []))
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.overrides))
     try:
         train(cfg, resume=args.resume)
     except TrainingError as err:

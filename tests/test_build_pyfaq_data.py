@@ -260,6 +260,7 @@ def test_mine_bm25_negatives():
     assert stats["bm25_negatives"]["random_fill"] == 7
 
 
+@pytest.mark.slow  # a real asset
 def test_real_faq_has_173_pairs():
     faq_dir = SOURCES / "faq"
     if not faq_dir.is_dir():
