@@ -847,7 +847,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from denselm.config import load_config
 
-    overrides = list(getattr(args, "_unknown", []) or [])
+    overrides = list(args.overrides)
     is_config = len(args.target) == 1 and args.target[0].endswith((".yaml", ".yml"))
     cfg = load_config(args.target[0] if is_config else None, overrides)
     paths = cfg.data.train_data if is_config else list(args.target)
@@ -878,9 +878,9 @@ def run(args) -> int:
         text += f"\nnote: {note}"
     print(text)
     if args.json:
-        from denselm.search import atomic_write_text
+        from denselm.io import atomic_write
 
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(report, indent=2) + "\n")
     return 1 if args.strict and report["hard_problems"] else 0
 
 

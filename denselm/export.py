@@ -48,9 +48,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .errors import InputNotFound, OutputExists, UserError
+from .io import atomic_folder, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def st_prompts(template: str, instruction: str | None, passage_prefix: str = "")
 
     t = get_template(template)
     if t.needs_prompt and instruction is None:
-        raise ValueError(
+        raise UserError(
             f"template {t.name!r} formats queries with an instruction and the model has none saved; pass --instruction"
         )
     head = t.head.replace("{prompt}", instruction) if t.needs_prompt else t.head
@@ -110,7 +111,7 @@ def write_eos_tokenizer(folder: Path, tokenizer, padding_side: str) -> None:
     """Rewrite the saved tokenizer in ``folder`` so that calling it appends EOS (see module doc)."""
     tj_path, tc_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
     if not tj_path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{type(tokenizer).__name__} saved no tokenizer.json (not a fast tokenizer); "
             "the sentence-transformers export needs one to append EOS"
         )
@@ -153,10 +154,10 @@ def _write_json(path: Path, obj) -> None:
 
 def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
     """Add the sentence-transformers files to a merged model folder; returns the prompts written."""
-    manifest = model.settings()
-    template = manifest.get("template", "none")
-    prompt = instruction if instruction is not None else manifest.get("prompt")
-    query_prompt, doc_prompt, suffix = st_prompts(template, prompt, manifest.get("passage_prefix") or "")
+    spec = model.spec
+    template = spec.template
+    prompt = instruction if instruction is not None else spec.prompt
+    query_prompt, doc_prompt, suffix = st_prompts(template, prompt, spec.passage_prefix)
     if suffix:
         logger.warning(
             "template %r puts %r after each query; sentence-transformers prompts are prefixes only, so the "
@@ -164,7 +165,7 @@ def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
             "st.encode([q + %r for q in queries], prompt_name='query') (see denselm/export.py)",
             template, suffix, suffix,
         )
-    padding_side = "right" if manifest.get("position_ids") == "from_zero" else "left"
+    padding_side = "right" if spec.position_ids == "from_zero" else "left"
     write_eos_tokenizer(folder, model.tokenizer, padding_side)
     check_eos_tokenizer(folder, model.tokenizer)
 
@@ -180,7 +181,7 @@ def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
     _write_json(folder / "1_Pooling" / "config.json", {
         "word_embedding_dimension": dim, "pooling_mode": ST_POOLING[model.pooling],
     })
-    max_len = int(manifest.get("passage_max_len") or 512)
+    max_len = spec.passage_max_len
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
     prompts = {"query": query_prompt, "document": doc_prompt}
     _write_json(folder / "config_sentence_transformers.json", {
@@ -225,25 +226,16 @@ def load_model(path: str | os.PathLike, preset: str | None = None, base_model: s
 def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | None = None, force: bool = False) -> Path:
     """Write ``model`` (a BiEncoderModel) to ``output`` in format ``fmt``; atomic (temp folder, then rename)."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     output = Path(output)
     if output.exists() and not force:
-        raise ValueError(f"--output {output} exists; pass --force to replace it")
+        raise OutputExists(f"--output {output} exists; pass --force to replace it")
     if fmt == "sentence-transformers":  # a missing instruction fails before anything is written
-        m = model.settings()
-        st_prompts(m.get("template", "none"), instruction if instruction is not None else m.get("prompt"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent)) / "model"
-    try:
+        st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
+    with atomic_folder(output, point="export") as stage:  # --force: the old folder goes only once this is whole
         model.save(stage, merge_lora=True)
         if fmt == "sentence-transformers":
             write_st_files(stage, model, instruction)
-        if output.exists():  # --force: swap the old folder aside, then delete it
-            old = stage.parent / "old"
-            os.replace(output, old)
-        os.replace(stage, output)
-    finally:
-        shutil.rmtree(stage.parent, ignore_errors=True)
     return output
 
 
@@ -251,7 +243,7 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
 
 
 def add_arguments(parser) -> None:
-    from denselm.inference import PRESETS
+    from denselm.spec import PRESETS
 
     parser.add_argument("--model", required=True, help="denselm output folder (LoRA or merged)")
     parser.add_argument("--output", required=True, help="folder to write")
@@ -265,16 +257,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from denselm.cli import CliError
-
     if not Path(args.model).is_dir():
-        raise CliError(f"--model {args.model}: no such folder")
+        raise InputNotFound(f"--model {args.model}: no such folder")
     if Path(args.output).exists() and not args.force:
-        raise CliError(f"--output {args.output} exists; pass --force to replace it")
+        raise OutputExists(f"--output {args.output} exists; pass --force to replace it")
+    check_writable(args.output)  # before the model loads
     try:
         model = load_model(args.model, args.preset, args.base_model)
-    except ValueError as err:
-        raise CliError(f"--model {args.model}: {err}") from None
+    except UserError as err:
+        raise UserError(f"--model {args.model}: {err}") from None
     out = export(model, args.output, args.format, instruction=args.instruction, force=args.force)
     logger.info("wrote %s (%s)", out, args.format)
     return 0

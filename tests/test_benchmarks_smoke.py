@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark smoke runs (minutes on 2 cores)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -279,6 +279,7 @@ def test_mine_bm25_negatives_drops_positive_up_to_case_and_punctuation():
         assert not {pos, *copies} & set(n)
 
 
+@pytest.mark.slow  # a real asset
 def test_real_faq_has_173_pairs():
     faq_dir = SOURCES / "faq"
     if not faq_dir.is_dir():
