@@ -62,10 +62,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment: a second ``main()`` in the same process (tests,
+    notebooks) may have replaced it, and the first one's stream may be closed by then."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(verbose: bool) -> None:
     """denselm's own loggers at INFO (DEBUG with -v); everything else (faiss, bm25s, matplotlib,
     httpx...) at WARNING, so their loader chatter does not read like errors."""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger()
     root.setLevel(logging.WARNING)

@@ -324,6 +324,55 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------- resume
+RESUMABLE_KEYS: frozenset[str] = frozenset({
+    # how long: the schedule is rebuilt from the new total (max_steps, else epochs)
+    "train.max_steps", "train.epochs",
+    # where and how often things are written
+    "train.output_dir", "train.log_every", "train.save_every", "train.keep_last", "train.tensorboard",
+    "train.merge_lora",
+    # where it runs, and exact speed/memory trade-offs (same numbers up to float rounding)
+    "train.device", "train.cache_frozen_layers", "train.cache_max_gb", "model.attn_implementation",
+    "model.gradient_checkpointing", "loss.grad_cache", "loss.grad_cache_chunk_size", "loss.grad_cache_max_tokens",
+    "loss.sub_batch_size", "loss.embed_distill_cache", "data.num_workers",
+    # evaluation cadence, device-side batch and size (the best-checkpoint choice keeps its metric)
+    "eval.every", "eval.batch_size", "eval.max_queries",
+})
+"""Config keys that may differ between a run and its ``--resume``; any other change is refused
+(``resume_changes``) before the model loads, because it changes the shape or meaning of the saved
+state (LoRA rank, layers, template tokens, data, loss...)."""
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and not full.startswith(("data.dataset_weights", "data.dataset_modes")):
+            out.update(_flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each key outside ``RESUMABLE_KEYS`` that differs.
+
+    ``saved`` is the run's ``config.yaml`` (a ``Config.to_dict()``); keys it lacks (written by an
+    older denselm) are not compared.
+    """
+    old, new = _flatten(saved or {}), _flatten(cfg.to_dict())
+    changes = []
+    for key, value in new.items():
+        if key in RESUMABLE_KEYS or key not in old:
+            continue
+        before = old[key]
+        if isinstance(before, tuple):
+            before = list(before)
+        if before != (list(value) if isinstance(value, tuple) else value):
+            changes.append((key, before, value))
+    return changes
+
+
 # ----------------------------------------------------------------- building
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to a field's annotated type; ConfigError naming ``key``."""

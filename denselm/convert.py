@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .errors import InputNotFound, OutputExists, UserError
-from .io import atomic_folder, check_writable
+from .io import atomic_folder, check_writable, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def convert_gguf(
     if out_dir.exists() and not overwrite:
         raise OutputExists(f"{out_dir} already exists (pass --overwrite to replace it)")
     check_writable(out_dir)  # before the GGUF is read
+    remove_stale_temps(out_dir.parent, target=out_dir.name)  # a killed earlier conversion's temp folder
     start = time.perf_counter()
     gguf_model, tokenizer = load_gguf(gguf_path)
     model = _plain_model(gguf_model, dtype)

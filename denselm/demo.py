@@ -208,8 +208,10 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
     cfg = load_config(config_path, overrides)
     output.mkdir(parents=True, exist_ok=True)
     train_dir = output / "train"
-    if (train_dir / "model").exists():
-        shutil.rmtree(train_dir)  # a finished earlier demo run: start over (train refuses to overwrite)
+    if train_dir.is_dir():  # an earlier demo run, finished or not: start over (only denselm's files go)
+        from .outputs import clear_run_folder
+
+        clear_run_folder(train_dir)
 
     model_path = timer.run("model", "[1/6] model: SmolLM2-135M-Instruct (GGUF -> transformers)", ensure_model, model_dir)
     cfg.model.name_or_path = str(model_path)

@@ -14,7 +14,12 @@ of), and ``manifest.json``, written last, which marks the folder complete.
 
 Resume: every shard is written atomically, so after a crash (or Ctrl-C) rerunning the same
 command computes only the missing shards. The plan file makes a rerun with a different model,
-input, kind, instruction or shard size fail instead of mixing two encodings in one folder.
+spec, input, kind, instruction or shard size fail instead of mixing two encodings in one folder.
+Identity is by content, not path (``denselm.outputs``): the model by every file's size and the
+SHA-256 of its first and last MiB (``model_sha256``), the input by the SHA-256 of the (id, text)
+pairs encoded (``input_sha256``), the spec by its values (template, instruction, max lengths,
+passage prefix, preset, dtype). A moved or copied model or input still resumes; a retrained one
+does not.
 
 Several processes (``WORLD_SIZE`` > 1, from torchrun): shard ``i`` belongs to rank
 ``i % world_size``; no collectives except one barrier before rank 0 writes the manifest.
@@ -37,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 PLAN_NAME = "encode_plan.json"
 KINDS = ("corpus", "queries")
+PATH_KEYS = ("model", "input")
+"""Plan keys kept for the reader only: the folder is identified by content (the ``*_sha256`` keys)."""
+_HASH_LABELS = {"model_sha256": "the model's files (--model)", "input_sha256": "the input texts (--input)",
+                "ids_sha256": "the input ids (--input)"}
 
 
 @dataclass
@@ -109,12 +118,14 @@ def _check_plan(folder: Path, plan: dict) -> bool:
     plan_path = folder / PLAN_NAME
     if plan_path.is_file():
         old = read_json(plan_path, "encode plan; delete the folder to start over")
-        diffs = [k for k in plan if old.get(k) != plan[k]]
+        # keys an older plan lacks are not compared (it was written before denselm recorded them)
+        diffs = [k for k in plan if k not in PATH_KEYS and k in old and old[k] != plan[k]]
         if diffs and not list_shards(folder) and not (folder / EMBEDDINGS_MANIFEST).exists():
             logger.info("%s: no shard written yet; replacing its plan (%s changed)", folder, ", ".join(diffs))
             return True
         if diffs:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {plan[k]!r}" for k in diffs[:3])
+            detail = "; ".join(f"{_HASH_LABELS[k]} differ" if k in _HASH_LABELS else f"{k}: {old.get(k)!r} -> {plan[k]!r}"
+                               for k in diffs[:4])
             raise UserError(
                 f"--output {folder} holds an encoding with other settings ({detail}); "
                 "use another --output or delete that folder"
@@ -316,6 +327,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from denselm import distributed
     from denselm.io import check_writable
+    from denselm.outputs import fingerprint_folder, fingerprint_texts
 
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
@@ -335,11 +347,14 @@ def run(args) -> int:
         encoder.show_progress = False
         run_info = {
             "model": str(Path(args.model).resolve()),
+            "model_sha256": fingerprint_folder(args.model),
             "preset": args.preset,
             "input": str(Path(args.input).resolve()),
+            "input_sha256": fingerprint_texts(ids, texts),
             "template": encoder.template,
             "query_max_len": encoder.query_max_len,
             "passage_max_len": encoder.passage_max_len,
+            "passage_prefix": encoder.passage_prefix if args.kind == "corpus" else None,
         }
         instruction = args.instruction
         if args.kind == "queries" and instruction is None:

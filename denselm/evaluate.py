@@ -32,7 +32,8 @@ import numpy as np
 
 from denselm.beir import BeirData
 from denselm.errors import DataError, InputNotFound, UserError
-from denselm.io import atomic_write, check_writable, write_trec_run
+from denselm.io import atomic_write, write_trec_run
+from denselm.outputs import prepare_output
 from denselm.search import exact_search, topk_to_run
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ def add_arguments(parser) -> None:
                         help="template preset for a plain transformers embedder without a denselm manifest "
                              "(bge-en-icl, e5-mistral, qwen3-embedding, plain)")
     parser.add_argument("--output", default=None, help="metrics JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output and --run-output if they exist")
     parser.add_argument("--per-query", action="store_true", help="also write per-query metrics into --output")
     parser.add_argument("--run-output", default=None, help="also write the retrieved run as a TREC file")
 
@@ -249,8 +251,7 @@ def run(args) -> int:
     if not Path(args.model).exists():
         raise InputNotFound(f"--model {args.model}: no model folder")
     for flag, out in (("--output", args.output), ("--run-output", args.run_output)):
-        if out:
-            check_writable(out, flag)
+        prepare_output(out, args.overwrite, flag)  # refused if it exists, writable: before the model loads
 
     from denselm.inference import load_encoder  # imported lazily: it pulls in transformers
 

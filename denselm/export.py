@@ -51,7 +51,8 @@ import os
 from pathlib import Path
 
 from .errors import InputNotFound, OutputExists, UserError
-from .io import atomic_folder, check_writable
+from .io import atomic_folder
+from .outputs import prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     output = Path(output)
     if output.exists() and not force:
-        raise OutputExists(f"--output {output} exists; pass --force to replace it")
+        raise OutputExists(f"--output {output}: the folder exists; pass --overwrite to replace it, or choose another --output")
     if fmt == "sentence-transformers":  # a missing instruction fails before anything is written
         st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
     with atomic_folder(output, point="export") as stage:  # --force: the old folder goes only once this is whole
@@ -253,19 +254,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")
     parser.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the manifest's)")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                        help="replace --output if it exists (once the new folder is complete)")
 
 
 def run(args) -> int:
     if not Path(args.model).is_dir():
         raise InputNotFound(f"--model {args.model}: no such folder")
-    if Path(args.output).exists() and not args.force:
-        raise OutputExists(f"--output {args.output} exists; pass --force to replace it")
-    check_writable(args.output)  # before the model loads
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before the model loads
     try:
         model = load_model(args.model, args.preset, args.base_model)
     except UserError as err:
         raise UserError(f"--model {args.model}: {err}") from None
-    out = export(model, args.output, args.format, instruction=args.instruction, force=args.force)
+    out = export(model, args.output, args.format, instruction=args.instruction, force=args.overwrite)
     logger.info("wrote %s (%s)", out, args.format)
     return 0

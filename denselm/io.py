@@ -37,6 +37,7 @@ import fnmatch
 import gzip
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -340,11 +341,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+_TEMP_TAIL = re.compile(r"-([a-z0-9_]{8}|old-[0-9a-f]{8})")
+"""What follows the target's name in a temp (mkstemp's 8 random characters, or atomic_folder's old-HEX)."""
+
+
+def remove_stale_temps(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
     """Delete ``.denselm-tmp-*`` leftovers of killed writes directly inside ``folder``.
 
     Only names denselm makes are touched, symlinks are unlinked (never followed), and a temp whose
-    writer (the pid in its name) is still running here is kept.  Returns what was removed.
+    writer (the pid in its name) is still running here is kept.  ``target``: only the temps of that
+    output name (a shared parent folder's other temps may belong to a writer on another machine).
+    Returns what was removed.
     """
     folder = Path(folder)
     removed = []
@@ -353,7 +360,9 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     for entry in folder.iterdir():
         if not is_temp_name(entry.name):
             continue
-        pid = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
+        pid, _, rest = entry.name[len(TMP_PREFIX):].partition("-")
+        if target is not None and not _TEMP_TAIL.fullmatch(rest[len(target):] if rest.startswith(target) else "x"):
+            continue
         if pid.isdigit() and _pid_alive(int(pid)):
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -355,6 +355,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="denselm model folder (or plain folder + --preset), or 'bm25'")
     parser.add_argument("--input", required=True, help="training JSONL (query, pos, neg, ...)")
     parser.add_argument("--output", required=True, help="training JSONL to write (neg replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output (and its .stats.json) if it exists")
     parser.add_argument("--corpus", default=None,
                         help="BEIR corpus.jsonl to draw negatives from (default: every pos/neg text of --input)")
     parser.add_argument("--range", default="10-100",
@@ -380,7 +381,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from denselm.beir import read_corpus
     from denselm.errors import ConfigError
-    from denselm.io import atomic_write, check_writable
+    from denselm.io import atomic_write, remove_stale_temps
+    from denselm.outputs import prepare_output
 
     lo, hi = parse_range(args.range)
     if args.num_negatives < 1:
@@ -393,7 +395,8 @@ def run(args) -> int:
         raise ConfigError(f"--judge-batch-size must be >= 1, got {args.judge_batch_size}")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise UserError("--output must differ from --input")
-    check_writable(args.output)  # before any model (judge, encoder) loads
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before any model loads
+    remove_stale_temps(Path(args.output).parent, target=Path(str(args.output) + ".stats.json").name)
     judge = load_judge(args.judge, args.judge_kind, args.judge_batch_size, args.device) if args.judge else None
     lines = read_training_lines(args.input)
     pool = list(dict.fromkeys(read_corpus(args.corpus)[1])) if args.corpus else pool_from_lines(lines)

@@ -190,6 +190,7 @@ def add_arguments(parser) -> None:
                         help="sentence-transformers folder (or 'minilm'), or a cross-encoder folder with --kind cross-encoder")
     parser.add_argument("--input", required=True, help="training JSONL (query, pos, neg, ...)")
     parser.add_argument("--output", required=True, help="training JSONL to write, with pos_scores/neg_scores")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--kind", default="bi-encoder", choices=KINDS, help="teacher type (default bi-encoder)")
     parser.add_argument("--batch-size", type=int, default=32, help="teacher batch size (default 32)")
     parser.add_argument("--max-length", type=int, default=None, help="teacher's maximum tokens (default: its own)")
@@ -201,7 +202,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from denselm.data.formats import read_training_lines, write_jsonl
     from denselm.errors import UserError, require
-    from denselm.io import check_writable
+    from denselm.outputs import prepare_output
 
     require("sentence_transformers", "score", "denselm score", "sentence-transformers")
 
@@ -212,7 +213,7 @@ def run(args) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise UserError("--output must differ from --input")
     lines = read_training_lines(args.input)
-    check_writable(args.output)  # before the teacher loads
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before the teacher loads
     teacher = load_teacher(args.teacher, args.kind, args.device, args.max_length)
     queries = [obj["query"] for _, obj in lines]
     texts = [[*obj["pos"], *(obj.get("neg") or [])] for _, obj in lines]

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 from .embeddings import load_embeddings
 from .errors import DataError, InputNotFound, UserError
-from .io import atomic_file, check_writable, write_trec_run
+from .io import atomic_file, check_writable, remove_stale_temps, write_trec_run
 
 INDEX_KINDS = ("exact", "flat", "ivf", "hnsw")
 
@@ -321,6 +321,7 @@ def run(args) -> int:
     if args.index_file and args.index == "exact":
         raise UserError("--index-file needs a FAISS --index (flat, ivf or hnsw)")
     check_writable(args.output)  # before reading (possibly large) embeddings
+    remove_stale_temps(Path(args.output).parent, target=Path(args.output).name)  # a killed earlier write's temp
     query_ids, query_emb = load_embeddings(args.queries)
     doc_ids, doc_emb = load_embeddings(args.corpus)
     if query_emb.shape[1] != doc_emb.shape[1]:
