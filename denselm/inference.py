@@ -60,6 +60,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def encode_defaults(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """Encoding defaults for a device and weight dtype: packing on or off, rows and tokens per batch.
+
+    Chosen from measurements (benchmarks/encode_bench.py, benchmarks/RESULTS.md "Encoding on
+    the real model").
+    """
+    return {"packing": False, "batch_size": 64, "max_tokens": 16384}
+
+
 class Encoder:
     """Encodes queries and passages with a BiEncoderModel, formatted by its spec (``model.spec``).
 
