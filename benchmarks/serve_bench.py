@@ -244,6 +244,7 @@ def st_server_main(args) -> None:
     st = SentenceTransformer(str(args.model), device="cpu")
     st.encode(["warm up"])
     worker = ThreadPoolExecutor(max_workers=1)  # the model runs in one thread, requests queue for it
+    encode = getattr(st, "encode_document", st.encode)  # ST >= 5: the document route; ST 3-4: plain encode
 
     async def health(request):
         return JSONResponse({"status": "ok"})
@@ -252,7 +253,7 @@ def st_server_main(args) -> None:
         body = await request.json()
         texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
         vecs = await asyncio.get_running_loop().run_in_executor(
-            worker, lambda: st.encode_document(texts, batch_size=32, convert_to_numpy=True))
+            worker, lambda: encode(texts, batch_size=32, convert_to_numpy=True))
         return JSONResponse({"object": "list", "model": body.get("model", "st"),
                              "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
                                       for i, v in enumerate(vecs)]})
