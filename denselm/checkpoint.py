@@ -7,6 +7,10 @@ A checkpoint folder ``checkpoints/step-0000120/`` holds
   config.yaml             the resolved config
 It is written to a temporary folder and renamed: a crash at any point leaves
 the previous checkpoints intact and never a partial one that looks complete.
+
+``save_training_state`` / ``restore_training_state`` take the training's
+``denselm.parallel`` strategy, which gathers the full tensors to rank 0 (and
+shards them again on load): the files are the same for any world size and strategy.
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .model.encoder import BiEncoderModel
+    from .parallel import Strategy
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"
@@ -122,3 +133,79 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if not (path / COMPLETE_MARKER).exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
     return path
+
+
+def save_training_state(
+    output_dir: str | Path,
+    step: int,
+    strategy: Strategy,
+    model: BiEncoderModel,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    config_yaml: str,
+    keep_last: int,
+    protect: Path | None = None,
+) -> None:
+    """Every rank: gather the full trainable weights and optimizer state; rank 0 writes ``step-N``."""
+    tensors = strategy.trainable_state(model)
+    if strategy.is_main:
+        tensors = tensors | head_state(model)
+    opt_state = strategy.optimizer_state(model, optimizer)
+    # Each rank's dropout RNG differs (seeded seed + rank): keep all of them.
+    rank_rng = strategy.all_gather_object(torch.get_rng_state().tolist())
+    if strategy.is_main:
+        save_checkpoint(output_dir, step, tensors, opt_state,
+                        {**trainer_state, "world_size": strategy.world_size, "rank_rng": rank_rng},
+                        config_yaml, keep_last, protect)
+    strategy.barrier()
+
+
+def restore_training_state(path: str | Path, strategy: Strategy, model: BiEncoderModel,
+                           optimizer: torch.optim.Optimizer) -> dict:
+    """Every rank: load a checkpoint's weights and optimizer state into the (wrapped) model; returns the trainer state."""
+    tensors, opt_state, state = load_checkpoint(path)
+    load_trainable(model, tensors, strategy, path)
+    strategy.load_optimizer_state(model, optimizer, opt_state)
+    return state
+
+
+def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor], strategy: Strategy | None = None,
+                   path: str | Path = "checkpoint") -> None:
+    """A checkpoint's ``trainable.safetensors`` tensors into the model: the distillation head,
+    then the backbone's trainable parameters (sharded again by the strategy)."""
+    if strategy is None:
+        from .parallel import Single
+
+        strategy = Single()
+    tensors = dict(tensors)
+    _load_head(model, {k[len(HEAD_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(HEAD_PREFIX)]},
+               path)
+    trainable = [n for n, p in strategy.unwrap(model.model).named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n not in tensors]
+    if missing:
+        raise ConfigError(f"--resume {path}: the checkpoint lacks trainable parameters, e.g. {missing[:3]} "
+                          "(a different model.lora or model config?)")
+    strategy.load_trainable(model, tensors)
+
+
+HEAD_PREFIX = "denselm.embed_distill."
+"""Checkpoint names of the distillation head (trained, resumed, never exported)."""
+
+
+def head_state(model: BiEncoderModel) -> dict[str, torch.Tensor]:
+    """The embedding-distillation head's parameters: outside the backbone (and its wrapper), the same on every rank."""
+    if model.embed_distill is None:
+        return {}
+    return {HEAD_PREFIX + n: p.detach() for n, p in model.embed_distill.named_parameters()}
+
+
+def _load_head(model: BiEncoderModel, head: dict[str, torch.Tensor], path) -> None:
+    if model.embed_distill is None:
+        return
+    params = dict(model.embed_distill.named_parameters())
+    if set(head) != set(params):
+        raise ConfigError(f"--resume {path}: the checkpoint lacks the embedding-distillation head "
+                          f"{sorted(set(params) - set(head))}")
+    with torch.no_grad():
+        for name, value in head.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("denselm.export", "export merged weights or a sentence-transformers folder"),
     "convert-gguf": ("denselm.convert", "convert a GGUF checkpoint into a transformers folder"),
     "demo": ("denselm.demo", "the end-to-end demo: SmolLM2 on Python FAQ retrieval"),
+    "info": ("denselm.spec", "print a model folder's embedding spec (template, pooling, lengths...) as JSON"),
     "serve": ("denselm.serve.command", "serve a model over HTTP: OpenAI-compatible /v1/embeddings"),
 }
 

@@ -21,6 +21,7 @@ import yaml
 from . import errors
 from .data.config import DataConfig
 from .model import speedups
+from .spec import DEFAULT_SPEC, POOLINGS, POSITION_POLICIES
 
 ConfigError = errors.ConfigError  # a bad key or value; the message names it
 
@@ -55,19 +56,19 @@ class ModelConfig:
     """Dtype the frozen weights are loaded in: float32, bfloat16 or float16 (trainable ones stay float32)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, flash_attention_2 (when installed)."""
-    pooling: str = "last"
+    pooling: str = DEFAULT_SPEC.pooling
     """Embedding: last (the EOS we append), mean or first."""
-    normalized: bool = True
+    normalized: bool = DEFAULT_SPEC.normalized
     """L2-normalise embeddings (cosine similarity)."""
     temperature: float = 0.02
     """Softmax temperature of the contrastive loss (reset to 1.0 when not normalized, as the seed)."""
-    position_ids: str = "end_aligned"
+    position_ids: str = DEFAULT_SPEC.position_ids
     """end_aligned (the seed's numbers, any padding side) or from_zero."""
-    num_layers: int | None = None
+    num_layers: int | None = DEFAULT_SPEC.num_layers
     """Keep only the first N transformer layers (a cheaper, often as good retriever)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant)."""
-    packing: bool = False
+    packing: bool = DEFAULT_SPEC.packing
     """Padding-free batches: sequences packed into rows, attention never crosses them (implies from_zero positions)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
@@ -75,8 +76,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
-        if self.pooling not in ("last", "mean", "first"):
+        if self.pooling not in POOLINGS:
             raise ConfigError(f"model.pooling must be last, mean or first, got {self.pooling!r}")
+        if self.position_ids not in POSITION_POLICIES:
+            raise ConfigError(f"model.position_ids must be end_aligned or from_zero, got {self.position_ids!r}")
         if self.temperature <= 0:
             raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
         if self.num_layers is not None and self.num_layers < 1:

@@ -1,4 +1,6 @@
-"""The one place where world size matters: process-group set-up and gathering with gradients.
+"""Rank info, process-group set-up and the tensor collectives of the loss (gathering with gradients).
+
+Wrapping the model for N processes, unwrapping it and its full state dicts are ``denselm.parallel``'s.
 
 Cross-device negatives, done right.  Each rank r holds B queries and B * G
 passages.  We all-gather passages *with autograd* (the backward of

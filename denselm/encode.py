@@ -266,7 +266,7 @@ def encode_to_folder(
 
 def add_encoder_arguments(parser) -> None:
     """Flags shared by the commands that load a denselm model (encode, mine)."""
-    from denselm.inference import PRESETS
+    from denselm.spec import PRESETS
 
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")

@@ -153,10 +153,10 @@ def _write_json(path: Path, obj) -> None:
 
 def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
     """Add the sentence-transformers files to a merged model folder; returns the prompts written."""
-    manifest = model.settings()
-    template = manifest.get("template", "none")
-    prompt = instruction if instruction is not None else manifest.get("prompt")
-    query_prompt, doc_prompt, suffix = st_prompts(template, prompt, manifest.get("passage_prefix") or "")
+    spec = model.spec
+    template = spec.template
+    prompt = instruction if instruction is not None else spec.prompt
+    query_prompt, doc_prompt, suffix = st_prompts(template, prompt, spec.passage_prefix)
     if suffix:
         logger.warning(
             "template %r puts %r after each query; sentence-transformers prompts are prefixes only, so the "
@@ -164,7 +164,7 @@ def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
             "st.encode([q + %r for q in queries], prompt_name='query') (see denselm/export.py)",
             template, suffix, suffix,
         )
-    padding_side = "right" if manifest.get("position_ids") == "from_zero" else "left"
+    padding_side = "right" if spec.position_ids == "from_zero" else "left"
     write_eos_tokenizer(folder, model.tokenizer, padding_side)
     check_eos_tokenizer(folder, model.tokenizer)
 
@@ -180,7 +180,7 @@ def write_st_files(folder: Path, model, instruction: str | None = None) -> dict:
     _write_json(folder / "1_Pooling" / "config.json", {
         "word_embedding_dimension": dim, "pooling_mode": ST_POOLING[model.pooling],
     })
-    max_len = int(manifest.get("passage_max_len") or 512)
+    max_len = spec.passage_max_len
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
     prompts = {"query": query_prompt, "document": doc_prompt}
     _write_json(folder / "config_sentence_transformers.json", {
@@ -230,8 +230,7 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
     if output.exists() and not force:
         raise ValueError(f"--output {output} exists; pass --force to replace it")
     if fmt == "sentence-transformers":  # a missing instruction fails before anything is written
-        m = model.settings()
-        st_prompts(m.get("template", "none"), instruction if instruction is not None else m.get("prompt"))
+        st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent)) / "model"
     try:
@@ -251,7 +250,7 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
 
 
 def add_arguments(parser) -> None:
-    from denselm.inference import PRESETS
+    from denselm.spec import PRESETS
 
     parser.add_argument("--model", required=True, help="denselm output folder (LoRA or merged)")
     parser.add_argument("--output", required=True, help="folder to write")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -28,29 +27,12 @@ import torch
 
 from .data.templates import ICLExample, fit_queries, format_passage
 from .data.tokenize import pad_batch, special_tokens, tokenize_with_eos
-from .model.encoder import MANIFEST_NAME, BiEncoderModel
+from .model.encoder import BiEncoderModel
+from .spec import MANIFEST_NAME, PLAIN, PRESETS, EmbeddingSpec
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Preset:
-    """How a plain transformers embedder formats and pools (for folders without a denselm manifest)."""
-
-    template: str
-    pooling: str = "last"
-    normalized: bool = True
-    prompt: str | None = None
-    query_max_len: int = 512
-    passage_max_len: int = 512
-
-
-PRESETS: dict[str, Preset] = {
-    "bge-en-icl": Preset("bge-icl", prompt="Given a web search query, retrieve relevant passages that answer the query."),
-    "e5-mistral": Preset("e5-mistral", prompt="Given a web search query, retrieve relevant passages that answer the query"),
-    "qwen3-embedding": Preset("qwen3-embedding", prompt="Given a web search query, retrieve relevant passages that answer the query"),
-    "plain": Preset("none"),
-}
+__all__ = ["Encoder", "load_encoder", "PRESETS", "MANIFEST_NAME"]
 
 
 Document = Union[str, Mapping[str, Any]]
@@ -78,7 +60,11 @@ def default_device() -> str:
 
 
 class Encoder:
-    """Encodes queries and passages with a BiEncoderModel and its manifest's settings."""
+    """Encodes queries and passages with a BiEncoderModel, formatted by its spec (``model.spec``).
+
+    ``template``, ``prompt``, ``query_max_len``, ``passage_max_len``, ``passage_prefix``: override
+    those spec fields for this encoder (None = the model's); ``encoder.spec`` is the result.
+    """
 
     def __init__(
         self,
@@ -97,14 +83,14 @@ class Encoder:
         show_progress: bool = False,
         tokenize_block: int = 8192,
     ):
-        m = model.manifest
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.template = template or m.get("template", "none")
-        self.prompt = prompt if prompt is not None else m.get("prompt")
-        self.query_max_len = query_max_len or m.get("query_max_len", 512)
-        self.passage_max_len = passage_max_len or m.get("passage_max_len", 512)
-        self.passage_prefix = passage_prefix if passage_prefix is not None else m.get("passage_prefix", "")
+        overrides = {"template": template or None, "prompt": prompt, "query_max_len": query_max_len or None,
+                     "passage_max_len": passage_max_len or None, "passage_prefix": passage_prefix}
+        spec = getattr(model, "spec", None)
+        if spec is None:  # a model-like object with only a (pre-spec) manifest dict
+            spec = EmbeddingSpec.from_dict(getattr(model, "manifest", None) or {}, fallback=PLAIN)
+        self.spec: EmbeddingSpec = spec.replace(**{k: v for k, v in overrides.items() if v is not None})
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.padding_side = padding_side
@@ -113,6 +99,18 @@ class Encoder:
         self.output_dtype = np.float32 if output_dtype == "float32" else np.float16
         self.show_progress = show_progress
         self.tokenize_block = tokenize_block
+
+    # The text-format fields under their historical names (read by encode and serve); setting one
+    # replaces this encoder's spec (a copy of the encoder can lift its limits without touching the original).
+    def _set(self, name: str, value) -> None:
+        self.spec = self.spec.replace(**{name: value})
+
+    template = property(lambda self: self.spec.template, lambda self, v: self._set("template", v))
+    prompt = property(lambda self: self.spec.prompt, lambda self, v: self._set("prompt", v))
+    query_max_len = property(lambda self: self.spec.query_max_len, lambda self, v: self._set("query_max_len", v))
+    passage_max_len = property(lambda self: self.spec.passage_max_len,
+                               lambda self, v: self._set("passage_max_len", v))
+    passage_prefix = property(lambda self: self.spec.passage_prefix, lambda self, v: self._set("passage_prefix", v))
 
     @property
     def device(self) -> torch.device:
@@ -374,13 +372,9 @@ def load_encoder(
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     from transformers import AutoModel, AutoTokenizer
 
-    p = PRESETS[preset]
     tokenizer = AutoTokenizer.from_pretrained(path)
     kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
     backbone = AutoModel.from_pretrained(path, **kw).to(device)
-    model = BiEncoderModel(
-        model=backbone, tokenizer=tokenizer, normalized=p.normalized, pooling=p.pooling,
-        manifest={"template": p.template, "prompt": p.prompt, "query_max_len": p.query_max_len,
-                  "passage_max_len": p.passage_max_len},
-    ).eval()
+    spec = PRESETS[preset].replace(base_model=str(path.resolve()))
+    model = BiEncoderModel(model=backbone, tokenizer=tokenizer, spec=spec).eval()
     return Encoder(model, show_progress=show_progress, **encoder_kwargs)

@@ -4,14 +4,14 @@
     torchrun --nproc_per_node 8 -m denselm.cli train configs/mistral7b.yaml
     denselm train configs/tiny.yaml --resume latest
 
-Single process is world size 1: no special case below.  Per optimizer step:
-accumulate ``gradient_accumulation_steps`` micro-batches (DDP syncs on the
-last), clip, AdamW, schedule; then log, evaluate, checkpoint.
+Single process is world size 1: no special case below; how the model is
+wrapped, synced and gathered on N processes is ``denselm.parallel``'s.  Per
+optimizer step: accumulate ``gradient_accumulation_steps`` micro-batches
+(ranks sync on the last), clip, AdamW, schedule; then log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,13 +24,14 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, parallel
 from .config import Config, ConfigError, load_config
 from .data.dataset import TrainDataset, build_dataloader
 from .data.templates import add_template_tokens, get_template
 from .search import atomic_write_text
 from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
-from .model.encoder import BiEncoderModel, unwrap
+from .model.encoder import BiEncoderModel
+from .spec import spec_from_config
 
 logger = logging.getLogger("denselm.train")
 ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through
@@ -70,27 +71,13 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
     n_total = sum(p.numel() for p in backbone.parameters())
     logger.info("model: %s, %d layers, %.1fM parameters, %.2fM trainable (float32)", cfg.model.name_or_path,
                 len(decoder_layers(backbone)), n_total / 1e6, n_trainable / 1e6)
-    manifest = {
-        "template": cfg.data.template,
-        # Inference's default query instruction: the global one, else the one evaluation used
-        # (data with per-line prompts has no global one).
-        "prompt": cfg.data.prompt if cfg.data.prompt is not None else cfg.eval.query_instruction,
-        "query_max_len": cfg.data.query_max_len,
-        "passage_max_len": cfg.data.passage_max_len,
-        "passage_prefix": cfg.data.passage_prefix,
-        "added_tokens": added_tokens,
-        "num_layers": cfg.model.num_layers,
-        "base_model": (str(Path(cfg.model.name_or_path).expanduser().resolve())
-                       if Path(cfg.model.name_or_path).expanduser().exists() else cfg.model.name_or_path),
-    }
     model = BiEncoderModel(
         model=backbone,
         tokenizer=tokenizer,
-        normalized=cfg.model.normalized,
+        spec=spec_from_config(cfg, added_tokens),
         temperature=cfg.model.temperature,
         negatives_cross_device=cfg.loss.negatives_cross_device and distributed.info().world_size > 1,
         sub_batch_size=cfg.loss.sub_batch_size,
-        pooling=cfg.model.pooling,
         teacher_temperature=cfg.loss.teacher_temperature,
         distill_weight=cfg.loss.distill_weight,
         distill_loss=cfg.loss.distill_loss,
@@ -98,9 +85,6 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         grad_cache=cfg.loss.grad_cache,
         grad_cache_chunk_size=cfg.loss.grad_cache_chunk_size,
         grad_cache_max_tokens=cfg.loss.grad_cache_max_tokens,
-        position_ids=cfg.model.position_ids,
-        packing=cfg.model.packing,
-        manifest=manifest,
         loss_options=cfg.loss.options(),
     )
     if cfg.model.gradient_checkpointing:
@@ -117,71 +101,6 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         logger.info("caching the output of the %d frozen layers per text (up to %.1f GiB)", num_frozen,
                     cfg.train.cache_max_gb)
     return model
-
-
-def wrap_distributed(model: BiEncoderModel, cfg: Config, device: torch.device) -> None:
-    """DDP around the backbone (so gradient caching can use no_sync), or FSDP2 per layer."""
-    if distributed.info().world_size == 1:
-        return
-    if cfg.train.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in decoder_layers(model.model):
-            fully_shard(layer)
-        fully_shard(model.model)
-    else:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        model.model = DDP(model.model, device_ids=ids, broadcast_buffers=False)
-
-
-def trainable_state(model: BiEncoderModel, cfg: Config) -> dict[str, torch.Tensor]:
-    """Full (gathered) trainable parameters by name; every rank must call it under FSDP."""
-    inner = unwrap(model.model)
-    names = [n for n, p in inner.named_parameters() if p.requires_grad]
-    if distributed.info().world_size > 1 and cfg.train.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        # cpu_offload: only rank 0 receives the gathered tensors (the others get {}).
-        full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return ({n: full[n] for n in names} | head_state(model)) if distributed.info().is_main else {}
-    params = dict(inner.named_parameters())
-    return {n: params[n].detach() for n in names} | head_state(model)
-
-
-HEAD_PREFIX = "denselm.embed_distill."
-"""Checkpoint names of the distillation head (trained, resumed, never exported)."""
-
-
-def head_state(model: BiEncoderModel) -> dict[str, torch.Tensor]:
-    if model.embed_distill is None:
-        return {}
-    return {HEAD_PREFIX + n: p.detach() for n, p in model.embed_distill.named_parameters()}
-
-
-def load_trainable(model: BiEncoderModel, tensors: dict[str, torch.Tensor]) -> None:
-    head = {k[len(HEAD_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(HEAD_PREFIX)]}
-    if model.embed_distill is not None:
-        params = dict(model.embed_distill.named_parameters())
-        if set(head) != set(params):
-            raise TrainingError(f"checkpoint lacks the embedding-distillation head {sorted(set(params) - set(head))}")
-        with torch.no_grad():
-            for name, value in head.items():
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
-    inner = unwrap(model.model)
-    params = dict(inner.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    if missing:
-        raise TrainingError(f"checkpoint lacks trainable parameters, e.g. {missing[:3]} (different LoRA/model config?)")
-    if any(type(p).__name__ == "DTensor" for p in params.values()):  # FSDP2: shard the full tensors
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(inner, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -298,12 +217,15 @@ class RunLog:
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate_during_training(model: BiEncoderModel, cfg: Config, data) -> dict[str, float]:
+def evaluate_during_training(model: BiEncoderModel, cfg: Config, data,
+                             strategy: parallel.Strategy | None = None) -> dict[str, float]:
     from .evaluate import evaluate_model
     from .inference import Encoder
 
-    enc = Encoder(model_for_save(model), batch_size=cfg.eval.batch_size, show_progress=distributed.info().is_main)
-    instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
+    strategy = strategy or parallel.Single()
+    enc = Encoder(model_for_save(model, strategy), batch_size=cfg.eval.batch_size, show_progress=strategy.is_main)
+    # eval.query_instruction, else the spec's prompt (data.prompt: see spec_from_config)
+    instruction = cfg.eval.query_instruction
     ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
     return evaluate_model(lambda t: enc.encode_queries(t, instruction=instruction), enc.encode_corpus, data, ks=ks)
 
@@ -312,28 +234,32 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data) -> dict[s
 def train(cfg: Config, resume: str | None = None) -> Path:
     """Run training; returns the final model folder (``output_dir/model``)."""
     cfg.validate_paths()
-    dist_info = distributed.init_from_env()
-    rank, world = dist_info.rank, dist_info.world_size
+    strategy = parallel.setup(cfg.train.strategy)
+    rank, world = strategy.rank, strategy.world_size
+    if cfg.train.merge_lora and cfg.model.lora.enabled and not strategy.supports_merge_lora:
+        raise ConfigError(f"train.merge_lora is not supported with train.strategy {cfg.train.strategy}; "
+                          "run denselm export afterwards")
     output_dir = Path(cfg.train.output_dir)
-    resume_path = ckpt.resolve_resume(output_dir, resume)
+    # Every rank checks the path (a bad one fails everywhere); rank 0's `latest` wins, as
+    # ranks listing a shared folder could see different newest checkpoints.
+    resume_path = strategy.broadcast_object(ckpt.resolve_resume(output_dir, resume))
     if resume is None and (output_dir / "model").exists():
         raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
     device = pick_device(cfg)
-    torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
+    torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank (a sharded wrap does not broadcast it)
 
     tokenizer, added_tokens = build_tokenizer(cfg)
     accum = cfg.train.gradient_accumulation_steps
     # One sampler batch = one optimizer step (per_device x accum queries per rank), split into
     # micro-batches below: accumulation sees the same examples as one big batch would.
     dataset = TrainDataset(cfg.data, tokenizer, cfg.train.per_device_batch_size * accum, world_size=world, rank=rank)
-    if dist_info.is_main:
+    if strategy.is_main:
         logger.info(dataset.summary())
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * dataset.steps_per_epoch)
 
     model = build_model(cfg, tokenizer, added_tokens)
     teacher = build_teacher(cfg, model)
-    model = model.to(device)
-    wrap_distributed(model, cfg, device)
+    model = strategy.wrap(model.to(device), device)
     torch.manual_seed(cfg.train.seed + rank)  # dropout: each rank its own masks
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -344,15 +270,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     step, best = 0, None
     if resume_path is not None:
-        tensors, opt_state, state = ckpt.load_checkpoint(resume_path)
-        load_trainable(model, tensors)
-        if world > 1 and cfg.train.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model.model, optimizer, opt_state,
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-        else:
-            optimizer.load_state_dict(opt_state)
+        state = ckpt.restore_training_state(resume_path, strategy, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         step, best = state["step"], state.get("best")
         logger.info("resumed from %s at step %d", resume_path, step)
@@ -368,19 +286,18 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             keep = set(list(eval_data.qrels)[: cfg.eval.max_queries])
             eval_data.qrels = {q: v for q, v in eval_data.qrels.items() if q in keep}
 
-    if dist_info.is_main:
+    if strategy.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = RunLog(output_dir, dist_info.is_main, cfg.train.tensorboard, step if resume_path else None)
+    log = RunLog(output_dir, strategy.is_main, cfg.train.tensorboard, step if resume_path else None)
     loader = build_dataloader(dataset, *dataset.position(step), num_batches=total_steps - step)
     batches = iter(loader)  # draws a seed from the torch RNG: before restoring it, as in the first run
     if resume_path is not None:
         ckpt.set_rng_state(state["rng"])
         if state.get("rank_rng") and len(state["rank_rng"]) == world:
             torch.set_rng_state(torch.tensor(state["rank_rng"][rank], dtype=torch.uint8))
-    backbone_sync = getattr(model.model, "no_sync", None)
     progress = None
-    if dist_info.is_main:
+    if strategy.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -388,19 +305,22 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     model.train()
     started, tokens_seen = time.perf_counter(), 0
     while step < total_steps:
-        # ---- one optimizer step: accumulate micro-batches (DDP syncs on the last one)
+        # ---- one optimizer step: accumulate micro-batches (ranks sync on the last one)
         loss_sum, parts = 0.0, {}
         batch = next(batches).to(device, non_blocking=True)
         teacher_emb = teacher_batch(teacher, batch, device)
         for micro, mb in enumerate(micro_batches(batch, accum, model.negatives_cross_device, teacher_emb)):
-            sync = micro == accum - 1 or backbone_sync is None or cfg.loss.grad_cache
-            with (contextlib.nullcontext() if sync else backbone_sync()):
+            # Gradient caching suspends sync itself, chunk by chunk, and syncs its last chunk.
+            sync = micro == accum - 1 or cfg.loss.grad_cache
+            with strategy.no_sync(model, enabled=not sync):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = model(**mb)
                 scaler.scale(out.loss / accum).backward()
             loss_sum += float(out.loss.detach())
             for k, v in out.metrics.items():
                 parts[k] = parts.get(k, 0.0) + v / accum
+        for k in sorted(k for k in parts if k.startswith("masked/")):  # the global batch's fraction, not rank 0's
+            parts[k] = float(distributed.all_reduce_mean(torch.tensor(parts[k], dtype=torch.float64)))
         fn_count, real_tokens = batch.num_false_negatives, batch.query_tokens + batch.passage_tokens
         loss_value = float(distributed.all_reduce_mean(torch.tensor(loss_sum / accum, dtype=torch.float64)))
         if not math.isfinite(loss_value):
@@ -409,7 +329,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 + (f" ({ckpt.list_checkpoints(output_dir)[-1]})" if ckpt.list_checkpoints(output_dir) else "")
                 + ". Try a lower train.lr, train.precision bf16 instead of fp16, or a larger model.temperature."
             )
-        if model.embed_distill is not None:  # outside DDP: average its gradient here
+        if model.embed_distill is not None:  # outside the wrapped backbone: average its gradient here
             distributed.all_reduce_grads_mean(model.embed_distill.parameters())
         scaler.unscale_(optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm
@@ -430,14 +350,14 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
         if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
-            metrics = evaluate_during_training(model, cfg, eval_data)
+            metrics = evaluate_during_training(model, cfg, eval_data, strategy)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
             value = metrics.get(cfg.eval.metric)
             if value is None:
                 raise ConfigError(f"eval.metric {cfg.eval.metric!r} is not one of {sorted(metrics)}")
             if best is None or value > best["value"]:
                 best = {"step": step, "value": value, "metric": cfg.eval.metric}
-                save_model(model, cfg, output_dir / "best")
+                save_model(model, strategy, output_dir / "best")
             model.train()
         if step % cfg.train.log_every == 0 or step == total_steps:
             log.write(record)
@@ -446,78 +366,49 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
-            save_training_checkpoint(model, cfg, optimizer, scheduler, step, best, output_dir)
+            save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, best, output_dir)
         if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash no handler can soften
 
     if progress is not None:
         progress.close()
     final = output_dir / "model"
-    save_model(model, cfg, final)
+    save_model(model, strategy, final)
     if cfg.train.merge_lora and cfg.model.lora.enabled:
-        save_model(model, cfg, output_dir / "model-merged", merge_lora=True)
-    if dist_info.is_main:
+        save_model(model, strategy, output_dir / "model-merged", merge_lora=True)
+    if strategy.is_main:
         logger.info("saved %s%s", final, f" (best {best['metric']} {best['value']:.4f} at step {best['step']})" if best else "")
-    distributed.barrier()
+    strategy.barrier()
+    strategy.teardown()
     return final
 
 
-def save_model(model: BiEncoderModel, cfg: Config, path: Path, merge_lora: bool = False) -> None:
-    """Rank 0 writes the model folder; under FSDP every rank first helps gather the full weights."""
-    full_state = None
-    if distributed.info().world_size > 1 and cfg.train.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full_state = get_model_state_dict(model.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if merge_lora:
-            raise ConfigError("train.merge_lora is not supported with train.strategy fsdp; run denselm export afterwards")
-    if distributed.info().is_main:
-        model_for_save(model).save(path, state_dict=full_state, merge_lora=merge_lora)
-    distributed.barrier()
+def save_model(model: BiEncoderModel, strategy: parallel.Strategy, path: Path, merge_lora: bool = False) -> None:
+    """Rank 0 writes the model folder; every rank first helps gather the full weights."""
+    # Merging reads the (unsharded) base weights from the module itself.
+    full_state = None if merge_lora else strategy.full_state_dict(model)
+    if strategy.is_main:
+        model_for_save(model, strategy).save(path, state_dict=full_state, merge_lora=merge_lora)
+    strategy.barrier()
 
 
-def model_for_save(model: BiEncoderModel) -> BiEncoderModel:
-    """The BiEncoderModel around the unwrapped backbone (DDP's .module), for saving and
-    evaluating on one rank without DDP's collectives."""
-    if isinstance(model.model, torch.nn.parallel.DistributedDataParallel):
-        view = BiEncoderModel(model=model.model.module, tokenizer=model.tokenizer, normalized=model.normalized,
-                              temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,
-                              position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
-        view.prefix_cache = model.prefix_cache  # the same frozen layers: evaluation texts are cached too
-        return view
+def model_for_save(model: BiEncoderModel, strategy: parallel.Strategy) -> BiEncoderModel:
+    """The BiEncoderModel around the unwrapped backbone, for saving and evaluating on one
+    rank without the wrapper's collectives (the same spec and settings: ``with_backbone``)."""
+    bare = strategy.unwrap(model.model)
+    if bare is not model.model:
+        return model.with_backbone(bare, negatives_cross_device=False)
     return model
 
 
-def save_training_checkpoint(model, cfg, optimizer, scheduler, step, best, output_dir) -> None:
-    info = distributed.info()
-    tensors = trainable_state(model, cfg)
-    if info.world_size > 1 and cfg.train.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        opt_state = get_optimizer_state_dict(model.model, optimizer,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        opt_state = optimizer.state_dict()
-    # Each rank's dropout RNG differs (seeded seed + rank): keep all of them.
-    rank_rng = torch.get_rng_state()
-    if info.world_size > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, rank_rng.tolist())
-        rank_rng_all = gathered
-    else:
-        rank_rng_all = [rank_rng.tolist()]
-    if info.is_main:
-        protect = None
-        if best is not None:
-            protect = output_dir / "checkpoints" / f"step-{best['step']:07d}"
-        ckpt.save_checkpoint(
-            output_dir, step, tensors, opt_state,
-            {"scheduler": scheduler.state_dict(), "best": best, "world_size": info.world_size, "rank_rng": rank_rng_all},
-            yaml.safe_dump(cfg.to_dict(), sort_keys=False), cfg.train.keep_last, protect,
-        )
-    distributed.barrier()
+def save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, best, output_dir) -> None:
+    protect = None
+    if best is not None:
+        protect = output_dir / "checkpoints" / f"step-{best['step']:07d}"
+    ckpt.save_training_state(
+        output_dir, step, strategy, model, optimizer, {"scheduler": scheduler.state_dict(), "best": best},
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False), cfg.train.keep_last, protect,
+    )
 
 
 # ----------------------------------------------------------------------- CLI

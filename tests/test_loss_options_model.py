@@ -119,3 +119,21 @@ def test_default_options_take_the_seed_path():
     b, gb = step(backbone, query, passage, teacher, dup, losses.LossOptions())
     assert float(a.loss) == float(b.loss) and torch.equal(ga, gb)
     assert not any(k.startswith("masked/") for k in b.metrics)
+
+
+def test_train_logs_masked_fractions(tmp_path):
+    """`denselm train` with the margin and same-document masks: each step logs what each mask removed."""
+    from test_train import read_log, write_config
+
+    from denselm.cli import main as cli_main
+    from tiny_models import make_model_dir
+
+    cfg = write_config(tmp_path, make_model_dir(tmp_path / "tiny"), loss={"margin": 0.0},
+                       data={"mask_same_document": True}, train={"max_steps": 2, "save_every": 2})
+    assert cli_main(["train", str(cfg)]) == 0
+    log = read_log(tmp_path / "out")
+    for step in (1, 2):
+        r = log[step]
+        assert 0 <= r["masked/false_negatives"] <= r["masked/any"] <= 1
+        assert 0 < r["masked/margin"] <= r["masked/any"], r
+        assert "same_document_masked" in r

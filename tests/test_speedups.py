@@ -48,6 +48,14 @@ def test_table_covers_every_pair_and_every_invalid_cell_has_its_rule():
     assert len(speedups.COMBINATIONS) == sum(len(keys) - 1 - i for i in range(len(speedups.SPEEDUPS)))
 
 
+def test_table_has_a_column_for_every_pooling_kind_and_position_policy():
+    """A new pooling kind or position policy cannot be added without its row of verdicts."""
+    from denselm.model.encoder import POSITION_POLICIES
+    from denselm.model.pooling import POOLING_METHODS
+
+    assert {s.key for s in speedups.OTHER_SETTINGS} == set(POOLING_METHODS) | set(POSITION_POLICIES)
+
+
 def test_every_rule_has_a_test_case():
     assert sorted(rule_id(r) for r in speedups.RULES) == sorted(INVALID)
 

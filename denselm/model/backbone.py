@@ -7,6 +7,8 @@ import logging
 import torch
 from torch import nn
 
+from ..parallel import base_model
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -14,7 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a transformers decoder (LlamaModel.layers, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)  # under DDP / peft wrappers
     for attr in ("layers", "h", "blocks"):
         layers = getattr(base, attr, None)
         if isinstance(layers, nn.ModuleList):
@@ -27,7 +29,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def layer_attribute(model: nn.Module) -> str:
     """Name of the block list ("layers" for Llama/Qwen/Mistral/Gemma, "h" for GPT-2)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)  # under DDP / peft wrappers
     for attr in ("layers", "h", "blocks"):
         if isinstance(getattr(base, attr, None), nn.ModuleList):
             return attr

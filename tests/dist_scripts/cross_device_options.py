@@ -37,6 +37,9 @@ def variants():
         yield dict(options=name, grad_cache=False)
     yield dict(options="everything", grad_cache=True)
     yield dict(options="margin", grad_cache=True)
+    # embedding distillation (teacher width 5): projection and similarity-matrix terms
+    yield dict(options="margin", grad_cache=False, distill=(1.0, 1.0))
+    yield dict(options="gte_joint", grad_cache=True, distill=(0.5, 2.0))
 
 
 def main(out_path: str) -> None:
@@ -53,6 +56,8 @@ def main(out_path: str) -> None:
         duplicate = torch.zeros(n_q, n_p, dtype=torch.bool)
         duplicate[0, 3 * G] = True  # another rank's positive duplicates query 0's
         duplicate[3, 1] = True
+        teacher_emb = torch.randn(n_q + n_p, 5, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+        tq, tp = teacher_emb[:n_q], teacher_emb[n_q:]
         q_rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         p_rows = slice(rank * B_LOCAL * G, (rank + 1) * B_LOCAL * G)
 
@@ -61,10 +66,21 @@ def main(out_path: str) -> None:
             model=DDP(backbone), tokenizer=None, normalized=True, temperature=0.05, negatives_cross_device=True,
             grad_cache=v["grad_cache"], grad_cache_chunk_size=2, loss_options=opts,
         ).train()
+        distill = v.get("distill")
+        if distill:
+            torch.manual_seed(3)
+            model.enable_embedding_distillation(5, *distill).double()
         out = model(query={k: t[q_rows] for k, t in query.items()}, passage={k: t[p_rows] for k, t in passage.items()},
-                    messages=["normal"], teacher_scores=teacher[p_rows], false_negative_mask=duplicate[q_rows])
+                    messages=["normal"], teacher_scores=teacher[p_rows], false_negative_mask=duplicate[q_rows],
+                    teacher_embeddings=(tq[q_rows], tp[p_rows]) if distill else None)
         out.loss.backward()
+        if distill:  # the head is outside DDP: train.py averages its gradient the same way
+            from denselm import distributed as denselm_dist
+
+            denselm_dist.all_reduce_grads_mean(model.embed_distill.parameters())
         grads = flat_grads(backbone)
+        if distill:
+            grads = torch.cat([grads, flat_grads(model.embed_distill)])
         gathered = [torch.zeros_like(grads) for _ in range(world)]
         dist.all_gather(gathered, grads)
         # masked fractions: every rank has as many negatives, so the mean over ranks is the global fraction
@@ -76,13 +92,19 @@ def main(out_path: str) -> None:
             single = tiny_backbone("llama", dtype=torch.float64)
             ref_model = BiEncoderModel(model=single, tokenizer=None, normalized=True, temperature=0.05,
                                        loss_options=opts).train()
+            if distill:
+                torch.manual_seed(3)
+                ref_model.enable_embedding_distillation(5, *distill).double()
             ref = ref_model(query=query, passage=passage, messages=["normal"], teacher_scores=teacher,
-                            false_negative_mask=duplicate)
+                            false_negative_mask=duplicate, teacher_embeddings=(tq, tp) if distill else None)
             ref.loss.backward()
+            ref_grads = flat_grads(single)
+            if distill:
+                ref_grads = torch.cat([ref_grads, flat_grads(ref_model.embed_distill)])
             results.append({
                 **v,
                 "world_size": world,
-                "grad_rel_err_vs_single_process": rel_err(grads, flat_grads(single)),
+                "grad_rel_err_vs_single_process": rel_err(grads, ref_grads),
                 "ranks_agree_rel_err": max(rel_err(g, gathered[0]) for g in gathered),
                 "loss_rel_err": rel_err(out.loss.detach(), ref.loss.detach()),
                 "masked_fraction_abs_err": max([abs(float(t) / world - ref.metrics[k]) for k, t in fractions.items()],

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...parallel import base_model
 from ..backbone import decoder_layers
 from ..pooling import pool_packed
 from .common import SharedSwitch, swapped
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "denselm_packed"
 DEFAULT_MAX_TOKENS = 4096
+CAT_RANGE = "denselm_packed_attention_cat"
+"""Profiler range around the one copy packed attention makes (benchmarks/profile_encode.py reads it)."""
 # Implementations whose transformers integration consumes cu_seq_lens_* kwargs itself.
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
@@ -240,20 +243,23 @@ def packed_attention(
             return out.unsqueeze(0), None  # (1, total, H, d)
     # One causal SDPA per sequence: exact sum(L_i^2) cost; on CPU this beats a
     # block-diagonal mask over the row (measured: benchmarks/speed_bench.py).
-    # transformers' (1, H, total, d) tensors are views of (total, H, d) memory, so these
-    # transposes copy nothing; one cat along tokens rebuilds that layout (and its backward
-    # is plain slicing).
-    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # (total, H(kv), d)
-    gqa = q.shape[1] != k.shape[1]
+    # Sequence i is query[:, :, a:b], a (1, H, L_i, d) view of transformers' (total, H, d)
+    # memory: no copy in.  The one copy out is the cat along tokens, which rebuilds that
+    # layout; it stands in for the padded path's transpose(1, 2).contiguous() of the
+    # attention output (measured: 1.8% of packed float32 encoding's CPU time on one
+    # thread, its backward is plain slicing).
+    gqa = query.shape[1] != key.shape[1]
     bounds = cu.tolist()
     outs = [
         F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1).unsqueeze(0), k[a:b].transpose(0, 1).unsqueeze(0), v[a:b].transpose(0, 1).unsqueeze(0),
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
             dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa,
         )[0].transpose(0, 1)  # (L_i, H, d)
         for a, b in zip(bounds[:-1], bounds[1:])
     ]
-    return torch.cat(outs, dim=0).unsqueeze(0), None  # (1, total, H, d)
+    with torch.profiler.record_function(CAT_RANGE):  # named, so profiles can tell this cat from the model's
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return out.unsqueeze(0), None  # (1, total, H, d)
 
 
 _state = threading.local()
@@ -282,12 +288,7 @@ def register_attention() -> None:
 
 
 def _config(backbone: nn.Module):
-    while not hasattr(backbone, "config") and isinstance(getattr(backbone, "module", None), nn.Module):
-        backbone = backbone.module  # DDP / FSDP wrappers
-    config = getattr(backbone, "config", None)
-    if config is None and hasattr(backbone, "get_base_model"):
-        config = getattr(backbone.get_base_model(), "config", None)
-    return config
+    return getattr(base_model(backbone), "config", None)  # under DDP / peft wrappers
 
 
 def config_attn_implementation(backbone: nn.Module) -> str | None:
