@@ -129,9 +129,14 @@ def prepare_model(args, work: Path) -> tuple[str, Path]:
     if stamp.exists() and export.exists() and json.loads(stamp.read_text()).get("key") == key:
         return json.loads(stamp.read_text())["description"], export
     desc, model = source_model(args)
-    model.manifest["passage_max_len"] = args.max_len  # long texts must not be cut at the demo's 64
     denselm_dir = model.save(export.parent / "denselm", merge_lora=True)
     del model
+    # Long texts must not be cut at the demo's 64 tokens: raise the saved passage limit
+    # (denselm.json is flat in every format version).
+    manifest_path = denselm_dir / "denselm.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["passage_max_len"] = args.max_len
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     cmd = [sys.executable, "-m", "denselm.cli", "export", "--model", str(denselm_dir), "--output", str(export),
            "--format", "sentence-transformers", "--force"]
     note("$ " + " ".join(cmd))
@@ -181,21 +186,32 @@ def plain_document_folder(export: Path, out: Path) -> Path:
 
 
 def transformers4_folder(folder: Path, out: Path) -> Path:
-    """The folder as transformers 4 (infinity's) reads it: links to every file, and a tokenizer_config.json
-    whose class is one transformers 4 knows (transformers 5 writes ``TokenizersBackend``)."""
+    """The folder as transformers 4 (infinity's) reads it: links to every file, with two files rewritten.
+
+    transformers 5 writes ``tokenizer_class: TokenizersBackend`` (unknown to 4) and moves
+    ``rope_theta`` into ``rope_parameters``: transformers 4 would silently use its default base
+    (10000 instead of SmolLM2's 100000; cosine 0.991 to the real vectors)."""
     import shutil
 
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    if cfg.get("tokenizer_class") in (None, "PreTrainedTokenizerFast", "GPT2TokenizerFast", "LlamaTokenizerFast",
-                                      "Qwen2TokenizerFast"):
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
+    tok_ok = tok_cfg.get("tokenizer_class") in (None, "PreTrainedTokenizerFast", "GPT2TokenizerFast",
+                                                "LlamaTokenizerFast", "Qwen2TokenizerFast")
+    rope = cfg.get("rope_parameters") or {}
+    if tok_ok and ("rope_theta" in cfg or "rope_theta" not in rope):
         return folder
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for f in folder.iterdir():
-        (out / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (out / "tokenizer_config.json").unlink()
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        if f.name not in ("tokenizer_config.json", "config.json"):
+            (out / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
+    tok_cfg["tokenizer_class"] = tok_cfg["tokenizer_class"] if tok_ok else "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    if "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            cfg.setdefault("rope_scaling", rope)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 
@@ -326,7 +342,9 @@ def start_engine(name: str, model: Path, infinity_model: Path | None, args, work
     common = dict(port=port, env=env, log_path=work / f"{name}.log")
     if name == "denselm":
         cmd = [sys.executable, "-m", "denselm.cli", "serve", "--model", f"bench={model}", "--port", str(port),
-               "--device", "cpu", "--dtype", "float32", "--torch-threads", str(args.threads)]
+               "--device", "cpu", "--dtype", "float32", "--torch-threads", str(args.threads),
+               # a queue of 64 long texts can take minutes on a loaded CPU: no 504 at the default 60 s
+               "--request-timeout-s", "3600"]
         return Engine(name, cmd, ready_path="/ready", route="/v1/embeddings", model_name="bench", **common)
     if name == "st":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "st-server", "--model", str(model),
@@ -538,9 +556,13 @@ def main(argv=None) -> int:
             for length in lengths:
                 for clients in args.clients:
                     n = cells[(length, clients)]
-                    res = asyncio.run(run_cell(engine, texts[length][0][:n], texts[length][1][:n], clients))
-                    row = {"engine": name, "length": length, "clients": clients, **res}
                     key = f"{length}@{clients}"
+                    try:
+                        res = asyncio.run(run_cell(engine, texts[length][0][:n], texts[length][1][:n], clients))
+                    except RuntimeError as err:  # an engine that fails a cell is reported, the others still run
+                        log(cell=key, engine=name, length=length, clients=clients, error=str(err)[:500])
+                        continue
+                    row = {"engine": name, "length": length, "clients": clients, **res}
                     if key in offline:
                         row["vs_offline"] = round(res["tokens_per_s"] / offline[key]["tokens_per_s"], 3)
                     rows.append(row)

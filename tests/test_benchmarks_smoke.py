@@ -83,6 +83,7 @@ def test_serve_bench_tiny(tmp_path):
     checks = {r["engine"]: r for r in lines if "min_cosine_vs_offline" in r}
     assert set(checks) == set(engines.split(","))
     assert all(r["min_cosine_vs_offline"] >= 0.9999 for r in checks.values()), checks
+    assert not [r for r in lines if "error" in r]
     cells = {(r["engine"], r["length"], r["clients"]): r for r in lines if "cell" in r}
     assert set(cells) == {(e, n, c) for e in checks for n in ("short", "long") for c in (1, 4)}
     for r in cells.values():
