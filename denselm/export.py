@@ -48,11 +48,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import InputNotFound, OutputExists, UserError
+from .io import atomic_folder
+from .outputs import prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def st_prompts(template: str, instruction: str | None, passage_prefix: str = "")
 
     t = get_template(template)
     if t.needs_prompt and instruction is None:
-        raise ValueError(
+        raise UserError(
             f"template {t.name!r} formats queries with an instruction and the model has none saved; pass --instruction"
         )
     head = t.head.replace("{prompt}", instruction) if t.needs_prompt else t.head
@@ -113,7 +113,7 @@ def write_eos_tokenizer(folder: Path, tokenizer, padding_side: str) -> None:
     """Rewrite the saved tokenizer in ``folder`` so that calling it appends EOS (see module doc)."""
     tj_path, tc_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
     if not tj_path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{type(tokenizer).__name__} saved no tokenizer.json (not a fast tokenizer); "
             "the sentence-transformers export needs one to append EOS"
         )
@@ -514,14 +514,12 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     output = Path(output)
     if output.exists() and not overwrite:
-        raise UserError(f"--output {output} exists; pass --overwrite to replace it")
+        raise OutputExists(f"--output {output}: the folder exists; pass --overwrite to replace it, or choose another --output")
     if fmt in ("sentence-transformers", "onnx"):  # a missing instruction fails before anything is written
         st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent)) / "model"
     if instruction is not None:  # the export's denselm.json records the instruction its routes use
         model.spec = model.spec.replace(prompt=instruction)
-    try:
+    with atomic_folder(output, point="export") as stage:  # --overwrite: the old folder goes only once this is whole
         model.save(stage, merge_lora=True)
         if dtype != "fp32":
             cast_weights(stage, dtype)
@@ -534,9 +532,9 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
             check_eos_tokenizer(stage, model.tokenizer)
         snippet = transformers_snippet(model, instruction)
         if fmt == "onnx":
-            from .onnx_export import export_onnx
-
             import torch
+
+            from .onnx_export import export_onnx
 
             export_onnx(model, stage / "model.onnx", getattr(torch, EXPORT_DTYPES[dtype]))
             for weights in stage.glob("*.safetensors"):  # the graph holds the weights
@@ -551,12 +549,6 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         card = model_card(model, fmt, source=Path(source) if source is not None else None, dtype=dtype,
                           instruction=instruction, extra_sections=extra)
         (stage / "README.md").write_text(card, encoding="utf-8")
-        if output.exists():  # --overwrite: swap the old folder aside, then delete it
-            old = stage.parent / "old"
-            os.replace(output, old)
-        os.replace(stage, output)
-    finally:
-        shutil.rmtree(stage.parent, ignore_errors=True)
     return output
 
 
@@ -626,7 +618,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--model", required=True, help="denselm output folder (LoRA or merged)")
     parser.add_argument("--output", required=True, help="folder to write")
-    parser.add_argument("--format", default="merged", choices=FORMATS, help="merged (default) or sentence-transformers")
+    parser.add_argument("--format", default="merged", choices=FORMATS, help="merged (default), sentence-transformers or onnx")
     parser.add_argument("--instruction", default=None,
                         help="query instruction baked into the sentence-transformers 'query' prompt (default: the manifest's)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -635,20 +627,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES),
                         help="weights' dtype (fp32 default; bf16/fp16 halve the size, cosine >= 0.999 to fp32)")
     parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
-                        help="replace --output if it exists")
+                        help="replace --output if it exists (once the new folder is complete)")
 
 
 def run(args) -> int:
-    from denselm.cli import CliError
-
     if not Path(args.model).is_dir():
-        raise CliError(f"--model {args.model}: no such folder")
-    if Path(args.output).exists() and not args.overwrite:
-        raise CliError(f"--output {args.output} exists; pass --overwrite to replace it")
+        raise InputNotFound(f"--model {args.model}: no such folder")
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before the model loads
     try:
         model = load_model(args.model, args.preset, args.base_model)
-    except ValueError as err:
-        raise CliError(f"--model {args.model}: {err}") from None
+    except UserError as err:
+        raise UserError(f"--model {args.model}: {err}") from None
     out = export(model, args.output, args.format, instruction=args.instruction, overwrite=args.overwrite,
                  dtype=args.dtype, source=args.model)
     logger.info("wrote %s (%s)", out, args.format)
