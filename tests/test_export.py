@@ -493,3 +493,15 @@ def test_smollm2_exports_match_denselm(tmp_path):
     assert sum(len(x) == 48 for x in enc.query_ids(queries)) >= 2 and sum(len(x) == 64 for x in enc.passage_ids(docs)) >= 10
     assert cos_rows(st.encode_query(queries), enc.encode_queries(queries)).min() >= 0.9999
     assert cos_rows(st.encode_document(docs), enc.encode_corpus(docs)).min() >= 0.9999
+
+
+def test_training_metrics_for_the_model_card(tmp_path):
+    """The card's metrics: the last record with eval/* keys of the run's log.jsonl, next to the model folder."""
+    from denselm.export import training_metrics
+
+    (tmp_path / "model").mkdir()
+    assert training_metrics(tmp_path / "model") is None
+    lines = [{"step": 5, "loss": 1.0, "eval/ndcg@10": 0.2}, {"step": 8, "loss": 0.5},
+             {"step": 10, "loss": 0.4, "eval/ndcg@10": 0.31, "eval/mrr@10": 0.25}, {"step": 12, "loss": 0.3}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "not json\n")
+    assert training_metrics(tmp_path / "model") == ({"ndcg@10": 0.31, "mrr@10": 0.25}, "log.jsonl, step 10")
