@@ -48,9 +48,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .errors import InputNotFound, OutputExists, UserError
+from .io import atomic_folder
+from .outputs import prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def st_prompts(template: str, instruction: str | None, passage_prefix: str = "")
 
     t = get_template(template)
     if t.needs_prompt and instruction is None:
-        raise ValueError(
+        raise UserError(
             f"template {t.name!r} formats queries with an instruction and the model has none saved; pass --instruction"
         )
     head = t.head.replace("{prompt}", instruction) if t.needs_prompt else t.head
@@ -110,7 +112,7 @@ def write_eos_tokenizer(folder: Path, tokenizer, padding_side: str) -> None:
     """Rewrite the saved tokenizer in ``folder`` so that calling it appends EOS (see module doc)."""
     tj_path, tc_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
     if not tj_path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{type(tokenizer).__name__} saved no tokenizer.json (not a fast tokenizer); "
             "the sentence-transformers export needs one to append EOS"
         )
@@ -225,24 +227,16 @@ def load_model(path: str | os.PathLike, preset: str | None = None, base_model: s
 def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | None = None, force: bool = False) -> Path:
     """Write ``model`` (a BiEncoderModel) to ``output`` in format ``fmt``; atomic (temp folder, then rename)."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     output = Path(output)
     if output.exists() and not force:
-        raise ValueError(f"--output {output} exists; pass --force to replace it")
+        raise OutputExists(f"--output {output}: the folder exists; pass --overwrite to replace it, or choose another --output")
     if fmt == "sentence-transformers":  # a missing instruction fails before anything is written
         st_prompts(model.spec.template, instruction if instruction is not None else model.spec.prompt)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent)) / "model"
-    try:
+    with atomic_folder(output, point="export") as stage:  # --force: the old folder goes only once this is whole
         model.save(stage, merge_lora=True)
         if fmt == "sentence-transformers":
             write_st_files(stage, model, instruction)
-        if output.exists():  # --force: swap the old folder aside, then delete it
-            old = stage.parent / "old"
-            os.replace(output, old)
-        os.replace(stage, output)
-    finally:
-        shutil.rmtree(stage.parent, ignore_errors=True)
     return output
 
 
@@ -260,20 +254,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")
     parser.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the manifest's)")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                        help="replace --output if it exists (once the new folder is complete)")
 
 
 def run(args) -> int:
-    from denselm.cli import CliError
-
     if not Path(args.model).is_dir():
-        raise CliError(f"--model {args.model}: no such folder")
-    if Path(args.output).exists() and not args.force:
-        raise CliError(f"--output {args.output} exists; pass --force to replace it")
+        raise InputNotFound(f"--model {args.model}: no such folder")
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before the model loads
     try:
         model = load_model(args.model, args.preset, args.base_model)
-    except ValueError as err:
-        raise CliError(f"--model {args.model}: {err}") from None
-    out = export(model, args.output, args.format, instruction=args.instruction, force=args.force)
+    except UserError as err:
+        raise UserError(f"--model {args.model}: {err}") from None
+    out = export(model, args.output, args.format, instruction=args.instruction, force=args.overwrite)
     logger.info("wrote %s (%s)", out, args.format)
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from .errors import DataError, InputNotFound, UserError
 from .data.templates import ICLExample, fit_queries, format_passage
 from .data.tokenize import pad_batch, special_tokens, tokenize_with_eos
 from .model.encoder import BiEncoderModel
@@ -59,12 +60,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def encode_defaults(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """Encoding defaults for a device and weight dtype: packing on or off, rows and tokens per batch.
+
+    Chosen from measurements (benchmarks/encode_bench.py, benchmarks/RESULTS.md "Encoding on
+    the real model").
+    """
+    return {"packing": False, "batch_size": 64, "max_tokens": 16384}
+
+
 class Encoder:
     """Encodes queries and passages with a BiEncoderModel, formatted by its spec (``model.spec``).
 
     ``template``, ``prompt``, ``query_max_len``, ``passage_max_len``, ``passage_prefix``: override
     those spec fields for this encoder (None = the model's); ``encoder.spec`` is the result.
     """
+
+    on_batch = None
+    """Optional callable(rows) after each forward pass (``denselm encode``'s progress bar)."""
 
     def __init__(
         self,
@@ -126,7 +139,7 @@ class Encoder:
         """Token ids exactly as the training collator builds them (template, cut before the suffix, EOS)."""
         prompt = instruction if instruction is not None else self.prompt
         if self.template in ("bge-icl", "bge-icl-special", "e5-mistral", "qwen3-embedding") and prompt is None:
-            raise ValueError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
+            raise UserError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
         ex = [tuple(examples or ())] * len(texts)
         formatted, _ = fit_queries(self.tokenizer, self.template, [prompt] * len(texts), list(texts), self.query_max_len, ex)
         return tokenize_with_eos(self.tokenizer, formatted, self.query_max_len)
@@ -170,7 +183,7 @@ class Encoder:
                    show_progress: bool | None = None) -> np.ndarray:
         """Embeddings (n, D) in input order."""
         if len(ids) == 0:
-            raise ValueError("nothing to encode: the input is empty")
+            raise DataError("nothing to encode: the input is empty")
         was_training = self.model.training
         self.model.eval()
         batches = self.batches([len(x) for x in ids], batch_size)
@@ -188,6 +201,8 @@ class Encoder:
                 out[rows] = reps
                 if progress is not None:
                     progress.update(len(rows))
+                if self.on_batch is not None:
+                    self.on_batch(len(rows))
         finally:
             if progress is not None:
                 progress.close()
@@ -295,7 +310,7 @@ class Encoder:
         one block (no thread).
         """
         if len(texts) == 0:
-            raise ValueError("nothing to encode: the input is empty")
+            raise DataError("nothing to encode: the input is empty")
         n = self.tokenize_block
         if len(texts) <= n:
             return self.encode_ids(to_ids(list(texts)), batch_size, desc=desc, show_progress=show_progress)
@@ -350,26 +365,26 @@ def load_encoder(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise InputNotFound(f"model folder {path} does not exist")
     device = str(device or default_device())
     if dtype is None or isinstance(dtype, torch.dtype):
         torch_dtype = dtype
     elif dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     else:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
     if torch_dtype is None and device.startswith("cuda"):
         torch_dtype = torch.bfloat16
     if (path / MANIFEST_NAME).exists():
         model = BiEncoderModel.load(path, base_model=base_model, torch_dtype=torch_dtype, device=device)
         return Encoder(model, show_progress=show_progress, **encoder_kwargs)
     if preset is None:
-        raise ValueError(
+        raise UserError(
             f"{path} has no {MANIFEST_NAME} (not trained by denselm); pass a preset for a known embedder: "
             f"{', '.join(PRESETS)}"
         )
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)

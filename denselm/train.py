@@ -3,6 +3,7 @@
     denselm train configs/tiny.yaml --train.max_steps 20
     torchrun --nproc_per_node 8 -m denselm.cli train configs/mistral7b.yaml
     denselm train configs/tiny.yaml --resume latest
+    denselm train configs/tiny.yaml --overwrite     # start over in the same train.output_dir
 
 Single process is world size 1: no special case below; how the model is
 wrapped, synced and gathered on N processes is ``denselm.parallel``'s.  Per
@@ -15,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -25,16 +24,18 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed, parallel
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config, resume_changes
 from .data.dataset import TrainDataset, build_dataloader
 from .data.templates import add_template_tokens, get_template
-from .search import atomic_write_text
+from .errors import ConfigError, DataError, ModelNotFound
+from .io import atomic_write, check_writable, fault_point, remove_stale_temps
 from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
 from .model.encoder import BiEncoderModel
+from .outputs import check_run_folder, clear_run_folder
 from .spec import spec_from_config
 
 logger = logging.getLogger("denselm.train")
-ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through
+ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through (as args.overrides)
 
 
 class TrainingError(RuntimeError):
@@ -45,7 +46,14 @@ class TrainingError(RuntimeError):
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(Path(cfg.model.name_or_path).expanduser()))
+    name = str(Path(cfg.model.name_or_path).expanduser())
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as err:  # transformers' "not a local folder and not a valid model identifier" (or offline)
+        raise ModelNotFound(
+            f"model.name_or_path {cfg.model.name_or_path}: neither a model folder here nor reachable on the hub "
+            f"({str(err).splitlines()[0][:200]}); give a local folder, or go online / set HF_HUB_OFFLINE=0"
+        ) from None
     if tok.eos_token is None:
         raise ConfigError(f"model.name_or_path: the tokenizer of {cfg.model.name_or_path} has no eos_token")
     added = []
@@ -196,14 +204,15 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint: they are about to be re-run.
             kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+            atomic_write(self.path, "".join(l + "\n" for l in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError:
+                logger.warning("train.tensorboard is true but tensorboard is not installed (pip install tensorboard); "
+                               "logging to %s only", self.path)
+            else:
                 self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -231,8 +240,13 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data,
 
 
 # ---------------------------------------------------------------------- loop
-def train(cfg: Config, resume: str | None = None) -> Path:
-    """Run training; returns the final model folder (``output_dir/model``)."""
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run training; returns the final model folder (``output_dir/model``).
+
+    ``resume``: "latest" or a checkpoint folder; ``overwrite``: clear what an earlier run wrote in
+    ``train.output_dir`` first. Without either, a non-empty ``train.output_dir`` is refused
+    (``denselm.outputs``): two runs never mix in one folder.
+    """
     cfg.validate_paths()
     strategy = parallel.setup(cfg.train.strategy)
     rank, world = strategy.rank, strategy.world_size
@@ -240,11 +254,16 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         raise ConfigError(f"train.merge_lora is not supported with train.strategy {cfg.train.strategy}; "
                           "run denselm export afterwards")
     output_dir = Path(cfg.train.output_dir)
+    check_run_folder(output_dir, resume, overwrite)  # nothing read or deleted yet
     # Every rank checks the path (a bad one fails everywhere); rank 0's `latest` wins, as
     # ranks listing a shared folder could see different newest checkpoints.
     resume_path = strategy.broadcast_object(ckpt.resolve_resume(output_dir, resume))
-    if resume is None and (output_dir / "model").exists():
-        raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
+    if resume_path is not None:
+        check_resume_config(cfg, resume_path, output_dir)  # before the model: no tensor size-mismatch traceback
+    check_writable(output_dir, "train.output_dir")  # before any model loads
+    if strategy.is_main:
+        for folder in (output_dir, output_dir / "checkpoints"):
+            remove_stale_temps(folder)  # leftovers of a killed checkpoint or model write
     device = pick_device(cfg)
     torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank (a sharded wrap does not broadcast it)
 
@@ -287,9 +306,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             eval_data.qrels = {q: v for q, v in eval_data.qrels.items() if q in keep}
 
     if strategy.is_main:
+        if overwrite:  # only now: a bad model name or data file must not cost the old run
+            removed = clear_run_folder(output_dir)
+            if removed:
+                logger.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = RunLog(output_dir, strategy.is_main, cfg.train.tensorboard, step if resume_path else None)
+        atomic_write(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # --resume without a checkpoint starts from step 0: the lines of the run that died before its
+    # first checkpoint go, they are about to be re-run
+    log = RunLog(output_dir, strategy.is_main, cfg.train.tensorboard, step if resume is not None else None)
     loader = build_dataloader(dataset, *dataset.position(step), num_batches=total_steps - step)
     batches = iter(loader)  # draws a seed from the torch RNG: before restoring it, as in the first run
     if resume_path is not None:
@@ -346,7 +371,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
                   "same_document_masked": batch.num_same_document,
-                  "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
+                  "epoch": round(step / dataset.steps_per_epoch, 4),
+                  "truncated_queries": batch.num_truncated_queries, "truncated_passages": batch.num_truncated_passages,
+                  "icl_examples": batch.num_icl_examples, **parts}
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
         if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
@@ -367,8 +394,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
             save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, best, output_dir)
-        if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash no handler can soften
+        fault_point("train.step")  # tests: DENSELM_FAULT=train.step:kill@3 (see denselm.io)
 
     if progress is not None:
         progress.close()
@@ -411,18 +437,42 @@ def save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, b
     )
 
 
+def check_resume_config(cfg: Config, resume_path: Path, output_dir: Path) -> None:
+    """Refuse a resume whose config differs from the saved one outside ``config.RESUMABLE_KEYS``.
+
+    The saved config is the checkpoint's own ``config.yaml`` (the state about to be loaded), else
+    the run folder's. One line naming each key, saved -> new (exit 2).
+    """
+    saved_path = next((p for p in (resume_path / "config.yaml", output_dir / "config.yaml") if p.is_file()), None)
+    if saved_path is None:
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{saved_path}: unreadable saved config ({type(err).__name__}); "
+                        "restore it from the checkpoint's config.yaml") from None
+    changes = resume_changes(saved, cfg)
+    if changes:
+        listed = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes)
+        raise ConfigError(
+            f"--resume: the run in {output_dir} was trained with other settings: {listed}; resume with the saved "
+            f"values ({saved_path}), or start a new run in another train.output_dir (or with --overwrite)"
+        )
+
+
 # ----------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (see configs/); overrides: --section.key value")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the latest checkpoint in train.output_dir, or from a given folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear train.output_dir first (only the files denselm wrote there; refused otherwise)")
 
 
 def run(args) -> int:
-    overrides = list(getattr(args, "_unknown", []))
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.overrides))
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingError as err:
         logger.error("%s", err)
         return 3

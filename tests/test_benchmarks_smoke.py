@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark smoke runs (minutes on 2 cores)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,24 @@ def test_memory_bench_tiny():
     assert by[("grad_cache", 8)]["step_mb"] < by[("plain", 8)]["step_mb"]
     summary = lines[-1]
     assert summary["summary"] == "grad cache vs plain" and summary["step_ratio"] < 1
+
+
+@pytest.mark.timeout(300)
+def test_encode_bench_quick():
+    lines = run_script("encode_bench.py", "--quick")
+    setup = lines[0]
+    assert setup["stage"] == "setup" and setup["real_tokens"] > 0
+    by = {(r["dtype"], r["variant"]): r for r in lines if r.get("stage") == "encode"}
+    variants = ("seed-unsorted", "seed-sorted", "denselm", "denselm-padded", "denselm-packed")
+    assert set(by) == {(d, v) for d in ("bfloat16", "float32") for v in variants}
+    for (dtype, variant), rec in by.items():
+        # Every row names what it measured, and every encoder gives the seed's embeddings.
+        assert rec["threads"] == 2 and rec["model"] and rec["texts"] and len(rec["load_avg_before"]) == 3
+        assert rec["tokens_per_s"]["min"] <= rec["tokens_per_s"]["median"] <= rec["tokens_per_s"]["max"]
+        assert rec["min_cosine_vs_first"] >= (0.9999 if dtype == "float32" else 0.998), (dtype, variant)
+        if variant != "seed-unsorted":
+            assert rec["vs_seed-unsorted"]["median"] > 0
+    assert set(by[("float32", "denselm")]["defaults"]) == {"packing", "batch_size", "max_tokens"}
 
 
 @pytest.mark.timeout(900)

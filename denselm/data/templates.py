@@ -77,14 +77,14 @@ def get_template(template: str | Template) -> Template:
     try:
         return TEMPLATES[template]
     except KeyError:
-        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}") from None
+        raise _user_error("ConfigError", f"unknown template {template!r}; known: {', '.join(TEMPLATES)}") from None
 
 
 def _head(t: Template, prompt: str | None) -> str:
     if not t.needs_prompt:
         return t.head
     if prompt is None:
-        raise ValueError(f"template {t.name!r} needs a prompt (an instruction); got None")
+        raise _user_error("UserError", f"template {t.name!r} needs a prompt (an instruction); got None")
     return t.head.replace("{prompt}", prompt)
 
 
@@ -221,3 +221,12 @@ def check_template_tokens(tokenizer, template: str | Template) -> None:
                 f"template {t.name!r} needs {tok!r} as one token; call "
                 "denselm.data.templates.add_template_tokens(tokenizer, template) and resize the embeddings"
             )
+
+
+def _user_error(kind: str, message: str) -> ValueError:
+    """denselm.errors' ``kind`` when the package is loaded, else a ValueError: importing
+    ``denselm.errors`` here would import the package (and torch) when this file is used alone."""
+    import sys
+
+    errors = sys.modules.get("denselm.errors")
+    return getattr(errors, kind)(message) if errors is not None else ValueError(message)

@@ -17,8 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -634,10 +632,10 @@ class BiEncoderModel(nn.Module):
         A LoRA model saves its adapter (and the base model's path in the manifest)
         unless ``merge_lora``.  ``state_dict``: pre-gathered full weights (FSDP).
         """
+        from denselm.io import atomic_folder
+
         output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-        try:
+        with atomic_folder(output_dir, point="model") as tmp:  # the old folder stays until the new one is whole
             base = unwrap(self.model)
             manifest = self.settings(output_dir)
             if merge_lora and hasattr(base, "merge_and_unload"):
@@ -663,18 +661,6 @@ class BiEncoderModel(nn.Module):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            if output_dir.exists():
-                old = output_dir.with_name(output_dir.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(output_dir, old)
-                os.replace(tmp, output_dir)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return output_dir
 
     @classmethod
