@@ -77,13 +77,42 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def encode_defaults(device: torch.device | str, dtype: torch.dtype) -> dict:
-    """Encoding defaults for a device and weight dtype: packing on or off, rows and tokens per batch.
+def encode_defaults(device: torch.device | str, dtype: torch.dtype, config=None) -> dict:
+    """Encoding defaults for a device, weight dtype and backbone config.
 
-    Chosen from measurements (benchmarks/encode_bench.py, benchmarks/RESULTS.md "Encoding on
-    the real model").
+    Measured on SmolLM2-135M, 2 CPU threads, bf16 and fp32 (benchmarks/encode_bench.py;
+    tables in benchmarks/RESULTS.md, "Encoding on the real model"):
+    - CPU: packing on.  Packed rows hold no padding and attend per sequence with SDPA's
+      causal fast path (no mask); padded batches pay for their pads and for a masked SDPA.
+    - CPU: rows of ``cpu_row_tokens`` tokens (2048 for SmolLM2 in bf16, 1024 in fp32), not
+      the GPU's 4096.  What decides it is the size of the biggest activation, (T,
+      intermediate_size): above ~24 MiB every fresh tensor is a new mmap whose pages the
+      kernel faults in and zeroes, and element-wise ops ran 2.5-3.5x slower per element
+      (silu * up: bf16 1.0-1.2 ns/element up to 12 MiB, 3.1 ns at 24 MiB; fp32 1.2 -> 4.3 ns),
+      and bf16 matmul output at 16k tokens fell from 1,340 to 570 GFLOP/s.  With bf16
+      matrix units (AMX) the matmuls are so fast that these element-wise passes decide the speed.
+    - GPU: unchanged (padded, length-sorted, 64 rows / 16k tokens; packing where the config says).
+    ``batch_size`` / ``max_tokens`` bound the length-sorted batches before packing.
     """
-    return {"packing": False, "batch_size": 64, "max_tokens": 16384}
+    on_cpu = torch.device(device).type == "cpu"
+    out = {"packing": on_cpu, "batch_size": 64, "max_tokens": 16384, "packing_max_tokens": 4096}
+    if on_cpu:
+        out["packing_max_tokens"] = cpu_row_tokens(config, dtype)
+    return out
+
+
+CPU_ROW_BYTES = 8 << 20
+"""Bytes of the widest (T, intermediate_size) activation of one packed row on CPU (see encode_defaults)."""
+
+
+def cpu_row_tokens(config, dtype: torch.dtype) -> int:
+    """Tokens per packed row on CPU: the widest activation within CPU_ROW_BYTES, a power of two in [512, 4096]."""
+    width = max(getattr(config, "intermediate_size", 0) or 0, getattr(config, "hidden_size", 0) or 0) or 2048
+    fit = CPU_ROW_BYTES // (width * torch.tensor([], dtype=dtype).element_size())
+    tokens = 512
+    while tokens * 2 <= min(fit, 4096):
+        tokens *= 2
+    return tokens
 
 
 class Encoder:
@@ -101,6 +130,8 @@ class Encoder:
         passage_prefix: str | None = None,
         batch_size: int = 64,
         max_tokens: int | None = 16384,
+        packing: bool | None = None,
+        packing_max_tokens: int | None = None,
         padding_side: str = "right",
         output_dtype: str = "float32",
         show_progress: bool = False,
@@ -116,6 +147,10 @@ class Encoder:
         self.passage_prefix = passage_prefix if passage_prefix is not None else m.get("passage_prefix", "")
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.packing = packing
+        """None: ``encode_defaults`` for the model's device and dtype (packed on CPU when exact:
+        RoPE or from_zero positions, no frozen-layer cache); True/False force it."""
+        self.packing_max_tokens = packing_max_tokens
         self.padding_side = padding_side
         if output_dtype not in ("float32", "float16"):
             raise ValueError(f"output_dtype must be float32 or float16, got {output_dtype!r}")
@@ -172,9 +207,45 @@ class Encoder:
         feats = pad_batch(list(rows), special_tokens(self.tokenizer).pad_id, self.padding_side)  # (B, T)
         device = self.device
         feats = {k: v.to(device, non_blocking=True) for k, v in feats.items()}
-        with _autocast(device, next(self.model.parameters()).dtype):
+        with _autocast(device, next(self.model.parameters()).dtype), self._packing_scope():
             reps = self.model.encode(feats)  # (B, D)
         return reps.float().cpu()
+
+    def packing_settings(self) -> tuple[bool, int | None]:
+        """(packed?, tokens per packed row) this encoder uses for its model, device and dtype."""
+        model = self.model
+        config = getattr(model._backbone(), "config", None)
+        defaults = encode_defaults(self.device, next(model.parameters()).dtype, config)
+        if self.packing is not None:
+            packing = self.packing
+        elif model.packing:
+            packing = True  # the model was trained (and saved) packed
+        else:
+            # Packed positions restart at 0 per sequence: the same numbers as the padded
+            # path for the from_zero policy, and for any policy under rotary embeddings.
+            rotary = config is not None and (getattr(config, "rope_parameters", None) is not None
+                                             or getattr(config, "rope_theta", None) is not None)
+            exact = model.position_policy == "from_zero" or rotary
+            packing = defaults["packing"] and exact and model.prefix_cache is None
+        tokens = self.packing_max_tokens or (defaults["packing_max_tokens"] if self.packing is None else None)
+        return packing, tokens or model.packing_max_tokens
+
+    def _packing_scope(self):
+        """The model's ``packing`` / ``packing_max_tokens`` set to ``packing_settings`` for one call."""
+        import contextlib
+
+        from .model.speedups import packing as packing_lib
+        from .model.speedups.common import swapped
+
+        packing, tokens = self.packing_settings()
+        if packing == self.model.packing and tokens == self.model.packing_max_tokens:
+            return contextlib.nullcontext()
+        if packing:
+            packing_lib.enable(self.model._backbone())
+        stack = contextlib.ExitStack()
+        stack.enter_context(swapped(self.model, "packing", packing))
+        stack.enter_context(swapped(self.model, "packing_max_tokens", tokens))
+        return stack
 
     @torch.no_grad()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, desc: str = "encode",
