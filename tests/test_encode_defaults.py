@@ -68,3 +68,13 @@ def test_fused_norm_not_under_grad():
     backbone = tiny_backbone("llama")
     with fused_norm.fused_norms(backbone):
         assert all("forward" not in vars(m) for m in fused_norm.norms(backbone))
+
+
+def test_auto_dtype(monkeypatch):
+    from denselm import inference
+
+    assert inference.auto_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(inference, "cpu_has_bf16_matmul", lambda: True)
+    assert inference.auto_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(inference, "cpu_has_bf16_matmul", lambda: False)
+    assert inference.auto_dtype("cpu") == torch.float32
