@@ -89,8 +89,10 @@ def cpu_has_bf16_matmul() -> bool:
 def auto_dtype(device: str | torch.device) -> torch.dtype:
     """``dtype="auto"``: bf16 on GPU and on CPUs with bf16 matrix units, else float32.
 
-    On this project's CPU (AMX-BF16) bf16 encoding of SmolLM2-135M ran 2.4-3.4x faster than
-    float32 and pyfaq nDCG@10 moved by less than 0.005 (benchmarks/RESULTS.md)."""
+    On this project's CPU (AMX-BF16) bf16 encoding of SmolLM2-135M ran about 3x faster than
+    float32 (one thread, CPU time: seed-sorted batches 1,300-1,690 vs 440 real tok/s); bf16
+    embeddings are within cosine 0.9989 of fp32 (benchmarks/RESULTS.md).  Not the CLI's
+    default: the retrieval-quality check (pyfaq nDCG@10 within 0.005 of fp32) is still open."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.device(device).type == "cpu" and cpu_has_bf16_matmul() else torch.float32
