@@ -7,9 +7,10 @@
 
 from .inference import Encoder, load_encoder
 from .model.encoder import BiEncoderModel, EncoderOutput
+from .spec import EmbeddingSpec
 
 load = load_encoder
 """Short alias of ``load_encoder``."""
 
-__all__ = ["BiEncoderModel", "Encoder", "EncoderOutput", "load", "load_encoder"]
+__all__ = ["BiEncoderModel", "EmbeddingSpec", "Encoder", "EncoderOutput", "load", "load_encoder"]
 __version__ = "0.1.0"

@@ -18,6 +18,8 @@ import importlib.metadata as metadata
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputNotFound, ModelNotFound
+
 
 @dataclass(frozen=True)
 class PackagedAsset:
@@ -56,7 +58,7 @@ MINILM = PackagedAsset(
 ASSETS = {asset.name: asset for asset in (SMOLLM2, MINILM)}
 
 
-class AssetMissing(FileNotFoundError):
+class AssetMissing(ModelNotFound):
     """A packaged asset is not installed; the message holds the pip command that installs it."""
 
 
@@ -110,5 +112,5 @@ def resolve(spec: str | Path, kind: str | None = None) -> Path:
     path = Path(text).expanduser()
     if not path.exists():
         names = [kind] if kind else sorted(ASSETS)
-        raise FileNotFoundError(f"{text}: no such file or folder (nor a packaged asset name: {', '.join(names)})")
+        raise InputNotFound(f"{text}: no such file or folder (nor a packaged asset name: {', '.join(names)})")
     return path

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from denselm.errors import InputNotFound
+
 logger = logging.getLogger(__name__)
 
 Run = dict[str, dict[str, float]]
@@ -117,7 +119,7 @@ def load_sentence_transformer(model_dir: str | Path, device: str = "cpu"):
 
     model_dir = Path(model_dir)
     if not (model_dir / "modules.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a sentence-transformers folder (no modules.json)")
+        raise InputNotFound(f"{model_dir}: not a sentence-transformers folder (no modules.json)")
     return SentenceTransformer(str(model_dir), device=device)
 
 

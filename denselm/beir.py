@@ -14,7 +14,8 @@ Ids are strings (integer ids in JSON are converted with ``str``, since qrels ids
 
 What happens to imperfect data:
 - malformed JSON, a missing or mistyped field, a duplicate id, a bad qrels line, an empty corpus:
-  ``ValueError`` naming the file, the line and the field.
+  ``DataError`` (a ``ValueError``) naming the file, the line and the field; so do invalid UTF-8 and a
+  corrupt ``.gz``.
 - a qrels line naming a query or document that does not exist: dropped, counted, one warning.
 - a query without any judgement in the split: dropped from evaluation, counted, logged.
 - a query whose judgements are all 0 stays: it scores 0 on every metric, as in trec_eval and BEIR.
@@ -22,11 +23,12 @@ What happens to imperfect data:
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from denselm.errors import DataError, InputNotFound
+from denselm.io import iter_jsonl, iter_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -73,30 +75,15 @@ def format_document(title: str, text: str) -> str:
     return f"{title} {text}" if title.strip() else text
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, object) for each non-blank line, streaming the file."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
-
-
 def _get_id(obj: dict, path: Path, line_no: int) -> str:
     if "_id" not in obj:
-        raise ValueError(f"{path}:{line_no}: missing field '_id'")
+        raise DataError(f"{path}:{line_no}: missing field '_id'")
     value = obj["_id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"{path}:{line_no}: field '_id' must be a string, got {type(value).__name__}")
+        raise DataError(f"{path}:{line_no}: field '_id' must be a string, got {type(value).__name__}")
     value = str(value)
     if not value.strip():
-        raise ValueError(f"{path}:{line_no}: field '_id' is empty")
+        raise DataError(f"{path}:{line_no}: field '_id' is empty")
     return value
 
 
@@ -104,10 +91,10 @@ def _get_text(obj: dict, name: str, path: Path, line_no: int, required: bool) ->
     value = obj.get(name)
     if value is None:
         if required:
-            raise ValueError(f"{path}:{line_no}: missing field '{name}'")
+            raise DataError(f"{path}:{line_no}: missing field '{name}'")
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{path}:{line_no}: field '{name}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{path}:{line_no}: field '{name}' must be a string, got {type(value).__name__}")
     return value
 
 
@@ -115,10 +102,10 @@ def _read_id_text_file(path: Path, with_title: bool) -> tuple[list[str], list[st
     ids: list[str] = []
     texts: list[str] = []
     first_line: dict[str, int] = {}  # id -> line where it first appeared, for duplicate messages
-    for line_no, obj in _iter_jsonl(path):
+    for line_no, obj in iter_jsonl(path):
         doc_id = _get_id(obj, path, line_no)
         if doc_id in first_line:
-            raise ValueError(f"{path}:{line_no}: duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
+            raise DataError(f"{path}:{line_no}: duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
         first_line[doc_id] = line_no
         text = _get_text(obj, "text", path, line_no, required=True)
         if with_title:
@@ -133,7 +120,7 @@ def read_corpus(path: str | Path) -> tuple[list[str], list[str]]:
     path = Path(path)
     ids, texts = _read_id_text_file(path, with_title=True)
     if not ids:
-        raise ValueError(f"{path}: empty corpus (no documents)")
+        raise DataError(f"{path}: empty corpus (no documents)")
     return ids, texts
 
 
@@ -153,39 +140,39 @@ def read_qrels(path: str | Path, stats: BeirStats | None = None) -> dict[str, di
     stats = stats if stats is not None else BeirStats()
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8") as f:
-        header = f.readline()
-        header_cols = header.rstrip("\r\n").split("\t")
-        if len(header_cols) == 3 and _parse_int(header_cols[2]) is not None:
-            raise ValueError(
-                f"{path}:1: expected a header line 'query-id<TAB>corpus-id<TAB>score', got a judgement {header.strip()!r}"
+    lines = iter_text_lines(path)
+    header = next(lines, (1, ""))[1]
+    header_cols = header.split("\t")
+    if len(header_cols) == 3 and _parse_int(header_cols[2]) is not None:
+        raise DataError(
+            f"{path}:1: expected a header line 'query-id<TAB>corpus-id<TAB>score', got a judgement {header.strip()!r}"
+        )
+    for line_no, line in lines:
+        if not line.strip():
+            continue
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) != 3:
+            raise DataError(
+                f"{path}:{line_no}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
             )
-        for line_no, line in enumerate(f, start=2):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\r\n").split("\t")
-            if len(cols) != 3:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
+        qid, did, raw_score = (c.strip() for c in cols)
+        if not qid or not did:
+            raise DataError(f"{path}:{line_no}: empty {'query-id' if not qid else 'corpus-id'}")
+        score = _parse_int(raw_score)
+        if score is None:
+            raise DataError(f"{path}:{line_no}: field 'score' must be an integer, got {raw_score!r}")
+        judged = qrels.setdefault(qid, {})
+        if did in judged:
+            if judged[did] != score:
+                raise DataError(
+                    f"{path}:{line_no}: conflicting grade {score} for ({qid!r}, {did!r}); "
+                    f"line {first_line[qid, did]} gave {judged[did]}"
                 )
-            qid, did, raw_score = (c.strip() for c in cols)
-            if not qid or not did:
-                raise ValueError(f"{path}:{line_no}: empty {'query-id' if not qid else 'corpus-id'}")
-            score = _parse_int(raw_score)
-            if score is None:
-                raise ValueError(f"{path}:{line_no}: field 'score' must be an integer, got {raw_score!r}")
-            judged = qrels.setdefault(qid, {})
-            if did in judged:
-                if judged[did] != score:
-                    raise ValueError(
-                        f"{path}:{line_no}: conflicting grade {score} for ({qid!r}, {did!r}); "
-                        f"line {first_line[qid, did]} gave {judged[did]}"
-                    )
-                stats.num_duplicate_judgements += 1
-                continue
-            judged[did] = score
-            first_line[qid, did] = line_no
-            stats.num_judgements += 1
+            stats.num_duplicate_judgements += 1
+            continue
+        judged[did] = score
+        first_line[qid, did] = line_no
+        stats.num_judgements += 1
     if stats.num_duplicate_judgements:
         logger.warning("%s: %d repeated judgements ignored", path, stats.num_duplicate_judgements)
     return qrels
@@ -210,10 +197,10 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     qrels_path = folder / "qrels" / f"{split}.tsv"
     for path in (corpus_path, queries_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
+            raise InputNotFound(f"{path} not found (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
     if not qrels_path.is_file():
         splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
-        raise FileNotFoundError(f"{qrels_path} not found (--split {split}); available splits: {splits or 'none'}")
+        raise InputNotFound(f"{qrels_path} not found (--split {split}); available splits: {splits or 'none'}")
 
     stats = BeirStats()
     corpus_ids, corpus_texts = read_corpus(corpus_path)
@@ -267,5 +254,5 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
         logger.info("%s: %d queries have no relevant document (all grades <= 0); they score 0",
                     qrels_path, stats.num_queries_without_relevant)
     if not query_ids:
-        raise ValueError(f"{qrels_path}: no query of {queries_path} has a judgement in split {split!r}")
+        raise DataError(f"{qrels_path}: no query of {queries_path} has a judgement in split {split!r}")
     return BeirData(corpus_ids, corpus_texts, query_ids, query_texts, qrels, split, stats)

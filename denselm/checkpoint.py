@@ -5,8 +5,9 @@ A checkpoint folder ``checkpoints/step-0000120/`` holds
   optimizer.pt            AdamW state (tensors only; loaded with weights_only=True)
   trainer_state.json      step, batches consumed, scheduler, best metric, RNG states
   config.yaml             the resolved config
-It is written to a temporary folder and renamed: a crash at any point leaves
-the previous checkpoints intact and never a partial one that looks complete.
+It is written to a temporary folder and renamed (``denselm.io.atomic_folder``): a crash
+at any point, or a full disk, leaves the previous checkpoints intact and never a partial
+one that looks complete.
 
 ``save_training_state`` / ``restore_training_state`` take the training's
 ``denselm.parallel`` strategy, which gathers the full tensors to rank 0 (and
@@ -16,11 +17,9 @@ shards them again on load): the files are the same for any world size and strate
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError
+from .errors import ConfigError, InputNotFound
+from .io import atomic_folder, fault_point
 
 if TYPE_CHECKING:
     from .model.encoder import BiEncoderModel
@@ -85,26 +85,15 @@ def save_checkpoint(
     protect: Path | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically, then delete all but the last ``keep_last`` (and ``protect``)."""
-    root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=root))
-    try:
+    final = Path(output_dir) / "checkpoints" / f"step-{step:07d}"
+    with atomic_folder(final, point="checkpoint.commit") as tmp:  # fsync'ed, then renamed into place
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        fault_point("checkpoint")  # tests: a full disk or a kill between a checkpoint's files
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         state = {**trainer_state, "step": step, "rng": rng_state()}
         # Written last: its presence marks the folder complete.
         (tmp / COMPLETE_MARKER).write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(output_dir)[:-keep_last]:
         if protect is None or old.resolve() != Path(protect).resolve():
             shutil.rmtree(old, ignore_errors=True)
@@ -115,7 +104,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
     """(trainable tensors, optimizer state, trainer state) of a complete checkpoint."""
     path = Path(path)
     if not (path / COMPLETE_MARKER).exists():
-        raise FileNotFoundError(f"{path} is not a complete denselm checkpoint (no {COMPLETE_MARKER})")
+        raise InputNotFound(f"{path} is not a complete denselm checkpoint (no {COMPLETE_MARKER})")
     trainable = load_file(path / "trainable.safetensors")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     trainer_state = json.loads((path / COMPLETE_MARKER).read_text())
@@ -131,7 +120,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / COMPLETE_MARKER).exists():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
+        raise InputNotFound(f"--resume {resume}: not a complete checkpoint folder")
     return path
 
 

@@ -10,6 +10,9 @@ names the key (``train.lr``) or the YAML file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +24,15 @@ import yaml
 from . import errors
 from .data.config import DataConfig
 from .model import speedups
+from .spec import DEFAULT_SPEC, POOLINGS, POSITION_POLICIES
 
 ConfigError = errors.ConfigError  # a bad key or value; the message names it
+
+METRIC_RE = re.compile(r"^(ndcg|mrr|recall)@([1-9][0-9]*)$|^map$")
+"""Names ``denselm.evaluate`` computes: ndcg@k, mrr@k, recall@k (k >= 1), map."""
+
+NON_FINITE_OK: frozenset[str] = frozenset()
+"""Float keys where inf/NaN means something (none yet): every other float must be finite."""
 
 
 @dataclass
@@ -55,19 +65,19 @@ class ModelConfig:
     """Dtype the frozen weights are loaded in: float32, bfloat16 or float16 (trainable ones stay float32)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, flash_attention_2 (when installed)."""
-    pooling: str = "last"
+    pooling: str = DEFAULT_SPEC.pooling
     """Embedding: last (the EOS we append), mean or first."""
-    normalized: bool = True
+    normalized: bool = DEFAULT_SPEC.normalized
     """L2-normalise embeddings (cosine similarity)."""
     temperature: float = 0.02
     """Softmax temperature of the contrastive loss (reset to 1.0 when not normalized, as the seed)."""
-    position_ids: str = "end_aligned"
+    position_ids: str = DEFAULT_SPEC.position_ids
     """end_aligned (the seed's numbers, any padding side) or from_zero."""
-    num_layers: int | None = None
+    num_layers: int | None = DEFAULT_SPEC.num_layers
     """Keep only the first N transformer layers (a cheaper, often as good retriever)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant)."""
-    packing: bool = False
+    packing: bool = DEFAULT_SPEC.packing
     """Padding-free batches: sequences packed into rows, attention never crosses them (implies from_zero positions)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
@@ -75,8 +85,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
-        if self.pooling not in ("last", "mean", "first"):
+        if self.pooling not in POOLINGS:
             raise ConfigError(f"model.pooling must be last, mean or first, got {self.pooling!r}")
+        if self.position_ids not in POSITION_POLICIES:
+            raise ConfigError(f"model.position_ids must be end_aligned or from_zero, got {self.position_ids!r}")
         if self.temperature <= 0:
             raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
         if self.num_layers is not None and self.num_layers < 1:
@@ -191,6 +203,17 @@ class EvalConfig:
     max_queries: int | None = None
     """Evaluate on the first N queries only (faster periodic evaluation)."""
 
+    def __post_init__(self):
+        # checked here, not at the first evaluation after training has started
+        if not METRIC_RE.match(self.metric):
+            close = difflib.get_close_matches(self.metric, ["ndcg@10", "mrr@10", "recall@10", "recall@100", "map"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"eval.metric must be ndcg@K, mrr@K, recall@K or map, got {self.metric!r}{hint}")
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+
 
 @dataclass
 class TrainConfig:
@@ -234,8 +257,6 @@ class TrainConfig:
     """cpu, cuda, cuda:1 ... (None = cuda when available)."""
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
-    fail_at_step: int | None = None
-    """Testing aid: kill the process (SIGKILL) right after this optimizer step."""
     cache_frozen_layers: bool = False
     """Compute the frozen layers below model.lora.top_layers once per distinct text and keep their output
     (exact; steps after the first pass run only the adapted layers). Needs from_zero positions or packing."""
@@ -303,6 +324,55 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------- resume
+RESUMABLE_KEYS: frozenset[str] = frozenset({
+    # how long: the schedule is rebuilt from the new total (max_steps, else epochs)
+    "train.max_steps", "train.epochs",
+    # where and how often things are written
+    "train.output_dir", "train.log_every", "train.save_every", "train.keep_last", "train.tensorboard",
+    "train.merge_lora",
+    # where it runs, and exact speed/memory trade-offs (same numbers up to float rounding)
+    "train.device", "train.cache_frozen_layers", "train.cache_max_gb", "model.attn_implementation",
+    "model.gradient_checkpointing", "loss.grad_cache", "loss.grad_cache_chunk_size", "loss.grad_cache_max_tokens",
+    "loss.sub_batch_size", "loss.embed_distill_cache", "data.num_workers",
+    # evaluation cadence, device-side batch and size (the best-checkpoint choice keeps its metric)
+    "eval.every", "eval.batch_size", "eval.max_queries",
+})
+"""Config keys that may differ between a run and its ``--resume``; any other change is refused
+(``resume_changes``) before the model loads, because it changes the shape or meaning of the saved
+state (LoRA rank, layers, template tokens, data, loss...)."""
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and not full.startswith(("data.dataset_weights", "data.dataset_modes")):
+            out.update(_flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each key outside ``RESUMABLE_KEYS`` that differs.
+
+    ``saved`` is the run's ``config.yaml`` (a ``Config.to_dict()``); keys it lacks (written by an
+    older denselm) are not compared.
+    """
+    old, new = _flatten(saved or {}), _flatten(cfg.to_dict())
+    changes = []
+    for key, value in new.items():
+        if key in RESUMABLE_KEYS or key not in old:
+            continue
+        before = old[key]
+        if isinstance(before, tuple):
+            before = list(before)
+        if before != (list(value) if isinstance(value, tuple) else value):
+            changes.append((key, before, value))
+    return changes
+
+
 # ----------------------------------------------------------------- building
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to a field's annotated type; ConfigError naming ``key``."""
@@ -346,14 +416,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number) and re.sub(r"\[\d+\]$", "", key) not in NON_FINITE_OK:
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -371,8 +446,8 @@ def build(cls, values: dict, prefix: str = ""):
     for key, value in (values or {}).items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            close = [n for n in names if n.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            close = difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(f'{prefix}.{c}' if prefix else c for c in close)}?)" if close else ""
             raise ConfigError(f"unknown config key {full!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
@@ -417,10 +492,14 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and k in out and out[k] is not None and not isinstance(out[k], dict):
+            # `train: 5` plus a --train.* override: never silently replace the scalar by defaults
+            raise ConfigError(f"{full} must be a mapping of keys, got {out[k]!r}")
+        out[k] = _merge(out[k], v, full) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -441,7 +520,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     values = _merge(values, parse_overrides(overrides or []))
     return build(Config, values)
-
-
-def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
+
+from .errors import InputNotFound, OutputExists, UserError
+from .io import atomic_folder, check_writable, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def load_gguf(gguf_path: str | Path):
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
+        raise InputNotFound(f"{gguf_path}: GGUF file not found")
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     return model, tokenizer
@@ -69,19 +70,18 @@ def convert_gguf(
     ``overwrite``; it is replaced only once the new folder is complete.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
+        raise OutputExists(f"{out_dir} already exists (pass --overwrite to replace it)")
+    check_writable(out_dir)  # before the GGUF is read
+    remove_stale_temps(out_dir.parent, target=out_dir.name)  # a killed earlier conversion's temp folder
     start = time.perf_counter()
     gguf_model, tokenizer = load_gguf(gguf_path)
     model = _plain_model(gguf_model, dtype)
     del gguf_model
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out_dir, point="convert") as tmp:  # an existing folder is replaced only once this is whole
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         provenance = {
@@ -91,16 +91,6 @@ def convert_gguf(
             "num_parameters": sum(p.numel() for p in model.parameters()),
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        if out_dir.exists():
-            # rename() cannot replace a non-empty folder: move the old one aside first.
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s -> %s (%s, %.1f s)", gguf_path.name, out_dir, dtype, time.perf_counter() - start)
     return out_dir
 
@@ -119,14 +109,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from denselm.assets import resolve
-    from denselm.cli import CliError
 
     gguf_path = resolve(args.gguf, kind="smollm2")
     if gguf_path.is_dir() or gguf_path.suffix != ".gguf":
-        raise CliError(f"--gguf {args.gguf}: expected a .gguf file, got {gguf_path}")
-    try:
-        out = convert_gguf(gguf_path, args.output, dtype=args.dtype, overwrite=args.overwrite)
-    except FileExistsError as err:
-        raise CliError(str(err)) from None
+        raise UserError(f"--gguf {args.gguf}: expected a .gguf file, got {gguf_path}")
+    out = convert_gguf(gguf_path, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(out)
     return 0

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputNotFound
+
 logger = logging.getLogger("denselm.demo")
 ACCEPTS_OVERRIDES = True  # --section.key value overrides go to the training config
 
@@ -93,17 +95,16 @@ def prepare_train_data(paths: list[str], out_dir: Path) -> list[str]:
     for entry in paths:
         src = repo_path(entry)
         if not src.exists():
-            raise FileNotFoundError(f"data.train_data: {entry} does not exist (rebuild with scripts/build_pyfaq_data.py)")
+            raise InputNotFound(f"data.train_data: {entry} does not exist (rebuild with scripts/build_pyfaq_data.py)")
         if src.suffix != ".gz":
             out.append(str(src))
             continue
         dst = out_dir / src.name[: -len(".gz")]
         if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_suffix(".tmp")
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            from .io import atomic_file
+
+            with gzip.open(src, "rb") as fin, atomic_file(dst) as fout:
                 shutil.copyfileobj(fin, fout)
-            os.replace(tmp, dst)
         out.append(str(dst))
     return out
 
@@ -207,8 +208,10 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
     cfg = load_config(config_path, overrides)
     output.mkdir(parents=True, exist_ok=True)
     train_dir = output / "train"
-    if (train_dir / "model").exists():
-        shutil.rmtree(train_dir)  # a finished earlier demo run: start over (train refuses to overwrite)
+    if train_dir.is_dir():  # an earlier demo run, finished or not: start over (only denselm's files go)
+        from .outputs import clear_run_folder
+
+        clear_run_folder(train_dir)
 
     model_path = timer.run("model", "[1/6] model: SmolLM2-135M-Instruct (GGUF -> transformers)", ensure_model, model_dir)
     cfg.model.name_or_path = str(model_path)
@@ -267,16 +270,27 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from .cli import CliError
+    from .errors import EnvironmentProblem, UserError, require
+    from .io import check_writable
 
     if args.threads < 1:
-        raise CliError(f"--threads must be >= 1, got {args.threads}")
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    for module, package in (("bm25s", None), ("matplotlib", None), ("gguf", None),
+                            ("sentence_transformers", "sentence-transformers"), ("accelerate", None)):
+        require(module, "demo", "denselm demo", package)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.config is None and not (REPO_ROOT / "configs").is_dir():
+        # configs/ and data/ (about 30 MB) are not in the wheel
+        raise EnvironmentProblem(
+            "denselm demo needs a source checkout (its configs/ and data/ are not installed with the package): "
+            "git clone the repository, pip install -e '.[demo]', and run it there"
+        )
     config = repo_path(args.config or (QUICK_CONFIG if args.quick else CPU_CONFIG))
     if not config.exists():
-        raise CliError(f"--config {config}: no such file")
+        raise UserError(f"--config {config}: no such file")
     output = Path(args.output or ("runs/demo-quick" if args.quick else "runs/demo"))
-    run_demo(config, output, args.model_dir, list(getattr(args, "_unknown", [])))
+    check_writable(output)
+    run_demo(config, output, args.model_dir, list(args.overrides))
     return 0

@@ -835,6 +835,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="denselm model folder: estimate the false-negative rate")
     parser.add_argument("--device", default=None, help="device for --model (default: the library's choice)")
     parser.add_argument("--json", default=None, help="write the JSON report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json report if it exists")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a hard problem is found")
     parser.add_argument("--threshold", type=float, default=0.9, help="Jaccard of near duplicates (default 0.9)")
     parser.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
@@ -847,9 +848,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from denselm.config import load_config
 
-    overrides = list(getattr(args, "_unknown", []) or [])
+    overrides = list(args.overrides)
     is_config = len(args.target) == 1 and args.target[0].endswith((".yaml", ".yml"))
     cfg = load_config(args.target[0] if is_config else None, overrides)
+    from denselm.outputs import prepare_output
+
+    prepare_output(args.json, args.overwrite, "--json")  # refused if it exists, writable: before any reading
     paths = cfg.data.train_data if is_config else list(args.target)
     if not paths:
         raise ConfigError(f"{args.target[0]}: data.train_data is empty: nothing to check")
@@ -878,9 +882,9 @@ def run(args) -> int:
         text += f"\nnote: {note}"
     print(text)
     if args.json:
-        from denselm.search import atomic_write_text
+        from denselm.io import atomic_write
 
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(report, indent=2) + "\n")
     return 1 if args.strict and report["hard_problems"] else 0
 
 

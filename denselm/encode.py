@@ -8,13 +8,18 @@
 Input: BEIR-style JSONL, one object a line with ``_id`` and ``text`` (+ optional ``title``
 for a corpus: encoded as ``"title text"``, see ``denselm.beir.format_document``).
 
-Output (read with ``denselm.search.load_embeddings``): ``shard-00000.npy`` + ``shard-00000.ids.json``
+Output (the format of ``denselm.embeddings``; read with ``load_embeddings``): ``shard-00000.npy`` + ``shard-00000.ids.json``
 per ``--shard-size`` rows in input order, ``encode_plan.json`` (what this folder is an encoding
 of), and ``manifest.json``, written last, which marks the folder complete.
 
 Resume: every shard is written atomically, so after a crash (or Ctrl-C) rerunning the same
 command computes only the missing shards. The plan file makes a rerun with a different model,
-input, kind, instruction or shard size fail instead of mixing two encodings in one folder.
+spec, input, kind, instruction or shard size fail instead of mixing two encodings in one folder.
+Identity is by content, not path (``denselm.outputs``): the model by every file's size and the
+SHA-256 of its first and last MiB (``model_sha256``), the input by the SHA-256 of the (id, text)
+pairs encoded (``input_sha256``), the spec by its values (template, instruction, max lengths,
+passage prefix, preset, dtype). A moved or copied model or input still resumes; a retrained one
+does not.
 
 Several processes (``WORLD_SIZE`` > 1, from torchrun): shard ``i`` belongs to rank
 ``i % world_size``; no collectives except one barrier before rank 0 writes the manifest.
@@ -31,12 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from denselm.errors import DataError, InputNotFound, UserError
+
 logger = logging.getLogger(__name__)
 
 PLAN_NAME = "encode_plan.json"
 KINDS = ("corpus", "queries")
-FAULT_ENV = "DENSELM_ENCODE_FAULT_AFTER_SHARDS"
-"""Testing hook: raise after this many shards were written by this process (a simulated crash)."""
+PATH_KEYS = ("model", "input")
+"""Plan keys kept for the reader only: the folder is identified by content (the ``*_sha256`` keys)."""
+_HASH_LABELS = {"model_sha256": "the model's files (--model)", "input_sha256": "the input texts (--input)",
+                "ids_sha256": "the input ids (--input)"}
 
 
 @dataclass
@@ -65,12 +74,12 @@ def read_texts(path: str | os.PathLike, kind: str = "corpus") -> tuple[list[str]
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: no such file")
+        raise InputNotFound(f"--input {path}: no such file")
     if kind not in KINDS:
-        raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     ids, texts = read_corpus(path) if kind == "corpus" else read_queries(path)
     if not ids:
-        raise ValueError(f"{path}: empty input (no lines with '_id' and 'text')")
+        raise DataError(f"{path}: empty input (no lines with '_id' and 'text')")
     return ids, texts
 
 
@@ -86,7 +95,7 @@ def ids_digest(ids: Sequence[str]) -> str:
 def shard_ranges(n: int, shard_size: int) -> list[range]:
     """Row ranges of the shards: [0, s), [s, 2s), ..., the last one possibly shorter."""
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
 
 
@@ -103,26 +112,26 @@ def _check_plan(folder: Path, plan: dict) -> bool:
 
     Returns True when an old plan exists but no shard was written under it: it may be replaced.
     """
-    from denselm.search import MANIFEST_NAME, list_shards
+    from denselm.embeddings import EMBEDDINGS_MANIFEST, list_shards
+    from denselm.io import read_json
 
     plan_path = folder / PLAN_NAME
     if plan_path.is_file():
-        try:
-            old = json.loads(plan_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{plan_path}: malformed JSON ({err.msg}); delete the folder to start over") from None
-        diffs = [k for k in plan if old.get(k) != plan[k]]
-        if diffs and not list_shards(folder) and not (folder / MANIFEST_NAME).exists():
+        old = read_json(plan_path, "encode plan; delete the folder to start over")
+        # keys an older plan lacks are not compared (it was written before denselm recorded them)
+        diffs = [k for k in plan if k not in PATH_KEYS and k in old and old[k] != plan[k]]
+        if diffs and not list_shards(folder) and not (folder / EMBEDDINGS_MANIFEST).exists():
             logger.info("%s: no shard written yet; replacing its plan (%s changed)", folder, ", ".join(diffs))
             return True
         if diffs:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {plan[k]!r}" for k in diffs[:3])
-            raise ValueError(
+            detail = "; ".join(f"{_HASH_LABELS[k]} differ" if k in _HASH_LABELS else f"{k}: {old.get(k)!r} -> {plan[k]!r}"
+                               for k in diffs[:4])
+            raise UserError(
                 f"--output {folder} holds an encoding with other settings ({detail}); "
                 "use another --output or delete that folder"
             )
-    elif folder.is_dir() and (list_shards(folder) or (folder / MANIFEST_NAME).exists()):
-        raise ValueError(
+    elif folder.is_dir() and (list_shards(folder) or (folder / EMBEDDINGS_MANIFEST).exists()):
+        raise UserError(
             f"--output {folder} holds embedding files without {PLAN_NAME} (not written by denselm encode "
             "or by an older version); use another --output or delete that folder"
         )
@@ -131,7 +140,7 @@ def _check_plan(folder: Path, plan: dict) -> bool:
 
 def _check_shard_ids(folder: Path, index: int, expected: list[str]) -> None:
     """An existing shard must hold exactly the ids this plan puts in it."""
-    from denselm.search import shard_paths
+    from denselm.embeddings import shard_paths
 
     ids_path = shard_paths(folder, index)[1]
     try:
@@ -139,7 +148,7 @@ def _check_shard_ids(folder: Path, index: int, expected: list[str]) -> None:
     except (OSError, json.JSONDecodeError):
         found = None
     if found != expected:
-        raise ValueError(
+        raise DataError(
             f"{ids_path}: does not hold the ids of rows {index}*shard_size.. of the input "
             "(the folder was changed by hand?); delete the shard to recompute it"
         )
@@ -173,16 +182,17 @@ def encode_to_folder(
     """
     import numpy as np
 
-    from denselm.search import MANIFEST_NAME, atomic_write_text, list_shards, save_embedding_shard, write_embedding_manifest
+    from denselm.embeddings import EMBEDDINGS_MANIFEST, list_shards, save_embedding_shard, write_embedding_manifest
+    from denselm.io import atomic_write, fault_point, remove_stale_temps
 
     if kind not in KINDS:
-        raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
     if not ids:
-        raise ValueError("nothing to encode: the input is empty")
+        raise DataError("nothing to encode: the input is empty")
     if len(set(ids)) != len(ids):
-        raise ValueError("duplicate ids in the input")
+        raise DataError("duplicate ids in the input")
     folder = Path(output)
     ranges = shard_ranges(len(ids), shard_size)
     plan = {
@@ -198,14 +208,15 @@ def encode_to_folder(
     stale_plan = _check_plan(folder, plan)  # every rank checks the same files: they all fail or all pass
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder)  # half-written shards of a killed run
         if stale_plan:
             (folder / PLAN_NAME).unlink()
         # A complete folder being recomputed (a shard was deleted) must not look complete meanwhile.
         existing = set(list_shards(folder)) if folder.is_dir() else set()
-        if (folder / MANIFEST_NAME).exists() and existing != set(range(len(ranges))):
-            (folder / MANIFEST_NAME).unlink()
+        if (folder / EMBEDDINGS_MANIFEST).exists() and existing != set(range(len(ranges))):
+            (folder / EMBEDDINGS_MANIFEST).unlink()
         if not (folder / PLAN_NAME).exists():
-            atomic_write_text(folder / PLAN_NAME, json.dumps(plan, indent=2))
+            atomic_write(folder / PLAN_NAME, json.dumps(plan, indent=2))
     if barrier is not None:
         barrier()  # the plan exists before anyone writes a shard
 
@@ -219,8 +230,6 @@ def encode_to_folder(
             result.skipped.append(i)
     if result.skipped:
         logger.info("rank %d: %d of its %d shards already complete; encoding %d", rank, len(result.skipped), len(mine), len(todo))
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
-
     progress = None
     if show_progress and todo:
         from tqdm.auto import tqdm
@@ -228,6 +237,7 @@ def encode_to_folder(
         total = sum(len(ranges[i]) for i in todo)
         desc = f"encode {kind}" + (f" (rank {rank})" if world_size > 1 else "")
         progress = tqdm(total=total, desc=desc, unit="text", position=rank if world_size > 1 else None)
+        encoder.on_batch = progress.update  # advance per batch: a 100k-row shard is minutes of work
     try:
         for i in todo:
             rows = ranges[i]
@@ -238,12 +248,10 @@ def encode_to_folder(
                 emb = encoder.encode_corpus(shard_texts, batch_size=batch_size)
             save_embedding_shard(folder, i, list(ids[rows.start : rows.stop]), emb)
             result.computed.append(i)
-            if progress is not None:
-                progress.update(len(rows))
-            if fault_after and len(result.computed) >= fault_after:
-                raise RuntimeError(f"{FAULT_ENV}={fault_after}: simulated crash after shard {i}")
+            fault_point("encode.shard")
     finally:
         if progress is not None:
+            encoder.on_batch = None
             progress.close()
 
     if barrier is not None:
@@ -266,7 +274,7 @@ def encode_to_folder(
 
 def add_encoder_arguments(parser) -> None:
     """Flags shared by the commands that load a denselm model (encode, mine)."""
-    from denselm.inference import PRESETS
+    from denselm.spec import PRESETS
 
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="template preset for a plain transformers folder without denselm.json")
@@ -284,24 +292,23 @@ def add_encoder_arguments(parser) -> None:
 
 def load_encoder_from_args(args, output_dtype: str = "float32", device: str | None = None):
     """``denselm.inference.load_encoder`` with the shared flags checked (errors name the flag)."""
-    from denselm.cli import CliError
     from denselm.inference import load_encoder
 
     if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_tokens is not None and args.max_tokens < 1:
-        raise CliError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     model = Path(args.model)
     if not model.is_dir():
-        raise CliError(f"--model {model}: no such folder")
+        raise InputNotFound(f"--model {model}: no such folder")
     try:
         return load_encoder(
             model, device=device or args.device, preset=args.preset, dtype=args.dtype, base_model=args.base_model,
             show_progress=False, batch_size=args.batch_size, max_tokens=args.max_tokens,
             padding_side=args.padding_side, output_dtype=output_dtype,
         )
-    except ValueError as err:
-        raise CliError(f"--model {model}: {err}") from None
+    except UserError as err:
+        raise type(err)(f"--model {model}: {err}") from None
 
 
 def add_arguments(parser) -> None:
@@ -320,13 +327,15 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from denselm import distributed
-    from denselm.cli import CliError
+    from denselm.io import check_writable
+    from denselm.outputs import fingerprint_folder, fingerprint_texts
 
     if args.shard_size < 1:
-        raise CliError(f"--shard-size must be >= 1, got {args.shard_size}")
+        raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.instruction is not None and args.kind != "queries":
-        raise CliError("--instruction applies to --kind queries only")
+        raise UserError("--instruction applies to --kind queries only")
     ids, texts = read_texts(args.input, args.kind)  # validate the input before loading a model
+    check_writable(args.output)
 
     info = distributed.init_from_env()
     device = args.device
@@ -339,11 +348,14 @@ def run(args) -> int:
         encoder.show_progress = False
         run_info = {
             "model": str(Path(args.model).resolve()),
+            "model_sha256": fingerprint_folder(args.model),
             "preset": args.preset,
             "input": str(Path(args.input).resolve()),
+            "input_sha256": fingerprint_texts(ids, texts),
             "template": encoder.template,
             "query_max_len": encoder.query_max_len,
             "passage_max_len": encoder.passage_max_len,
+            "passage_prefix": encoder.passage_prefix if args.kind == "corpus" else None,
         }
         instruction = args.instruction
         if args.kind == "queries" and instruction is None:
@@ -351,7 +363,7 @@ def run(args) -> int:
             from denselm.data.templates import get_template
 
             if instruction is None and get_template(encoder.template).needs_prompt:
-                raise CliError(f"template {encoder.template!r} formats queries with an instruction and the model "
+                raise UserError(f"template {encoder.template!r} formats queries with an instruction and the model "
                                "has none saved; pass --instruction")
         result = encode_to_folder(
             encoder, ids, texts, args.output, kind=args.kind, shard_size=args.shard_size, instruction=instruction,

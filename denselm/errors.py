@@ -38,10 +38,22 @@ class DataError(UserError):
     """A data file that cannot be used; the message starts with FILE:LINE where there is a line."""
 
 
+class InputNotFound(UserError, FileNotFoundError):
+    """An input path the user gave does not exist (``except FileNotFoundError`` still catches it)."""
+
+
+class OutputExists(UserError, FileExistsError):
+    """An output that would be replaced without the flag that allows it; the message names the flag."""
+
+
 class EnvironmentProblem(DenseLMError):
     """The machine, not the input: disk full, permission denied, a model or package that is not there."""
 
     exit_code = 3
+
+
+class ModelNotFound(EnvironmentProblem, FileNotFoundError):
+    """A model (or packaged asset) that is neither a folder here nor reachable; says how to get it."""
 
 
 class MissingExtraError(EnvironmentProblem, ImportError):

@@ -31,7 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from denselm.beir import BeirData
-from denselm.search import atomic_write_text, exact_search, topk_to_run, write_trec_run
+from denselm.errors import DataError, InputNotFound, UserError
+from denselm.io import atomic_write, write_trec_run
+from denselm.outputs import prepare_output
+from denselm.search import exact_search, topk_to_run
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ def evaluate_run(run: Run, qrels: Qrels, ks: Iterable[int] = (1, 10, 100)) -> di
     """Mean metrics over the queries of ``qrels`` (see the module docstring for the rules)."""
     ks = list(ks)
     if not qrels:
-        raise ValueError("qrels are empty: nothing to evaluate")
+        raise DataError("qrels are empty: nothing to evaluate")
     per_query = per_query_metrics(run, qrels, ks)
     return {name: float(np.mean([m[name] for m in per_query.values()])) for name in metric_names(ks)}
 
@@ -205,7 +208,7 @@ def evaluate_model(
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write JSON atomically (temp file + os.replace): a crash never leaves a partial file."""
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,22 +232,26 @@ def add_arguments(parser) -> None:
                         help="template preset for a plain transformers embedder without a denselm manifest "
                              "(bge-en-icl, e5-mistral, qwen3-embedding, plain)")
     parser.add_argument("--output", default=None, help="metrics JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output and --run-output if they exist")
     parser.add_argument("--per-query", action="store_true", help="also write per-query metrics into --output")
     parser.add_argument("--run-output", default=None, help="also write the retrieved run as a TREC file")
 
 
 def run(args) -> int:
     from denselm.beir import load_beir
-    from denselm.cli import CliError
 
     if any(k < 1 for k in args.k):
-        raise CliError(f"--k values must be >= 1, got {args.k}")
+        raise UserError(f"--k values must be >= 1, got {args.k}")
     depth = max(args.k) if args.depth is None else args.depth
     if depth < max(args.k):
-        raise CliError(f"--depth {depth} is smaller than the largest --k {max(args.k)}")
+        raise UserError(f"--depth {depth} is smaller than the largest --k {max(args.k)}")
     if args.batch_size is not None and args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     data = load_beir(args.data, args.split)  # validate data before loading a model
+    if not Path(args.model).exists():
+        raise InputNotFound(f"--model {args.model}: no model folder")
+    for flag, out in (("--output", args.output), ("--run-output", args.run_output)):
+        prepare_output(out, args.overwrite, flag)  # refused if it exists, writable: before the model loads
 
     from denselm.inference import load_encoder  # imported lazily: it pulls in transformers
 

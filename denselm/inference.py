@@ -19,38 +19,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 
+from .errors import DataError, InputNotFound, UserError
 from .data.templates import ICLExample, fit_queries, format_passage
 from .data.tokenize import pad_batch, special_tokens, tokenize_with_eos
-from .model.encoder import MANIFEST_NAME, BiEncoderModel
+from .model.encoder import BiEncoderModel
+from .spec import MANIFEST_NAME, PLAIN, PRESETS, EmbeddingSpec
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Preset:
-    """How a plain transformers embedder formats and pools (for folders without a denselm manifest)."""
-
-    template: str
-    pooling: str = "last"
-    normalized: bool = True
-    prompt: str | None = None
-    query_max_len: int = 512
-    passage_max_len: int = 512
-
-
-PRESETS: dict[str, Preset] = {
-    "bge-en-icl": Preset("bge-icl", prompt="Given a web search query, retrieve relevant passages that answer the query."),
-    "e5-mistral": Preset("e5-mistral", prompt="Given a web search query, retrieve relevant passages that answer the query"),
-    "qwen3-embedding": Preset("qwen3-embedding", prompt="Given a web search query, retrieve relevant passages that answer the query"),
-    "plain": Preset("none"),
-}
+__all__ = ["Encoder", "load_encoder", "PRESETS", "MANIFEST_NAME"]
 
 
 Document = Union[str, Mapping[str, Any]]
@@ -141,7 +124,14 @@ def cpu_row_tokens(config, dtype: torch.dtype) -> int:
 
 
 class Encoder:
-    """Encodes queries and passages with a BiEncoderModel and its manifest's settings."""
+    """Encodes queries and passages with a BiEncoderModel, formatted by its spec (``model.spec``).
+
+    ``template``, ``prompt``, ``query_max_len``, ``passage_max_len``, ``passage_prefix``: override
+    those spec fields for this encoder (None = the model's); ``encoder.spec`` is the result.
+    """
+
+    on_batch = None
+    """Optional callable(rows) after each forward pass (``denselm encode``'s progress bar)."""
 
     def __init__(
         self,
@@ -162,14 +152,14 @@ class Encoder:
         show_progress: bool = False,
         tokenize_block: int = 8192,
     ):
-        m = model.manifest
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.template = template or m.get("template", "none")
-        self.prompt = prompt if prompt is not None else m.get("prompt")
-        self.query_max_len = query_max_len or m.get("query_max_len", 512)
-        self.passage_max_len = passage_max_len or m.get("passage_max_len", 512)
-        self.passage_prefix = passage_prefix if passage_prefix is not None else m.get("passage_prefix", "")
+        overrides = {"template": template or None, "prompt": prompt, "query_max_len": query_max_len or None,
+                     "passage_max_len": passage_max_len or None, "passage_prefix": passage_prefix}
+        spec = getattr(model, "spec", None)
+        if spec is None:  # a model-like object with only a (pre-spec) manifest dict
+            spec = EmbeddingSpec.from_dict(getattr(model, "manifest", None) or {}, fallback=PLAIN)
+        self.spec: EmbeddingSpec = spec.replace(**{k: v for k, v in overrides.items() if v is not None})
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.packing = packing
@@ -182,6 +172,18 @@ class Encoder:
         self.output_dtype = np.float32 if output_dtype == "float32" else np.float16
         self.show_progress = show_progress
         self.tokenize_block = tokenize_block
+
+    # The text-format fields under their historical names (read by encode and serve); setting one
+    # replaces this encoder's spec (a copy of the encoder can lift its limits without touching the original).
+    def _set(self, name: str, value) -> None:
+        self.spec = self.spec.replace(**{name: value})
+
+    template = property(lambda self: self.spec.template, lambda self, v: self._set("template", v))
+    prompt = property(lambda self: self.spec.prompt, lambda self, v: self._set("prompt", v))
+    query_max_len = property(lambda self: self.spec.query_max_len, lambda self, v: self._set("query_max_len", v))
+    passage_max_len = property(lambda self: self.spec.passage_max_len,
+                               lambda self, v: self._set("passage_max_len", v))
+    passage_prefix = property(lambda self: self.spec.passage_prefix, lambda self, v: self._set("passage_prefix", v))
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +199,7 @@ class Encoder:
         """Token ids exactly as the training collator builds them (template, cut before the suffix, EOS)."""
         prompt = instruction if instruction is not None else self.prompt
         if self.template in ("bge-icl", "bge-icl-special", "e5-mistral", "qwen3-embedding") and prompt is None:
-            raise ValueError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
+            raise UserError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
         ex = [tuple(examples or ())] * len(texts)
         formatted, _ = fit_queries(self.tokenizer, self.template, [prompt] * len(texts), list(texts), self.query_max_len, ex)
         return tokenize_with_eos(self.tokenizer, formatted, self.query_max_len)
@@ -268,7 +270,11 @@ class Encoder:
         if packing:
             packing_lib.enable(self.model._backbone())
         stack = contextlib.ExitStack()
-        stack.enter_context(swapped(self.model, "packing", packing))
+        spec = self.model.spec
+        if packing != spec.packing:
+            # Packed rows restart positions at 0: only chosen where that gives the same numbers.
+            spec = spec.replace(packing=packing, position_ids="from_zero") if packing else spec.replace(packing=False)
+        stack.enter_context(swapped(self.model, "spec", spec))
         stack.enter_context(swapped(self.model, "packing_max_tokens", tokens))
         return stack
 
@@ -277,7 +283,7 @@ class Encoder:
                    show_progress: bool | None = None) -> np.ndarray:
         """Embeddings (n, D) in input order."""
         if len(ids) == 0:
-            raise ValueError("nothing to encode: the input is empty")
+            raise DataError("nothing to encode: the input is empty")
         was_training = self.model.training
         self.model.eval()
         batches = self.batches([len(x) for x in ids], batch_size)
@@ -295,6 +301,8 @@ class Encoder:
                 out[rows] = reps
                 if progress is not None:
                     progress.update(len(rows))
+                if self.on_batch is not None:
+                    self.on_batch(len(rows))
         finally:
             if progress is not None:
                 progress.close()
@@ -402,7 +410,7 @@ class Encoder:
         one block (no thread).
         """
         if len(texts) == 0:
-            raise ValueError("nothing to encode: the input is empty")
+            raise DataError("nothing to encode: the input is empty")
         n = self.tokenize_block
         if len(texts) <= n:
             return self.encode_ids(to_ids(list(texts)), batch_size, desc=desc, show_progress=show_progress)
@@ -457,7 +465,7 @@ def load_encoder(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise InputNotFound(f"model folder {path} does not exist")
     device = str(device or default_device())
     if dtype is None or isinstance(dtype, torch.dtype):
         torch_dtype = dtype
@@ -466,28 +474,24 @@ def load_encoder(
     elif dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     else:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
+        raise UserError(f"dtype must be auto or one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
     if torch_dtype is None and device.startswith("cuda"):
         torch_dtype = torch.bfloat16
     if (path / MANIFEST_NAME).exists():
         model = BiEncoderModel.load(path, base_model=base_model, torch_dtype=torch_dtype, device=device)
         return Encoder(model, show_progress=show_progress, **encoder_kwargs)
     if preset is None:
-        raise ValueError(
+        raise UserError(
             f"{path} has no {MANIFEST_NAME} (not trained by denselm); pass a preset for a known embedder: "
             f"{', '.join(PRESETS)}"
         )
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     from transformers import AutoModel, AutoTokenizer
 
-    p = PRESETS[preset]
     tokenizer = AutoTokenizer.from_pretrained(path)
     kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
     backbone = AutoModel.from_pretrained(path, **kw).to(device)
-    model = BiEncoderModel(
-        model=backbone, tokenizer=tokenizer, normalized=p.normalized, pooling=p.pooling,
-        manifest={"template": p.template, "prompt": p.prompt, "query_max_len": p.query_max_len,
-                  "passage_max_len": p.passage_max_len},
-    ).eval()
+    spec = PRESETS[preset].replace(base_model=str(path.resolve()))
+    model = BiEncoderModel(model=backbone, tokenizer=tokenizer, spec=spec).eval()
     return Encoder(model, show_progress=show_progress, **encoder_kwargs)

@@ -44,6 +44,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from denselm.data.formats import read_training_lines, write_jsonl
+from denselm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -103,29 +106,10 @@ def parse_range(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in str(text).split("-"))
     except ValueError:
-        raise ValueError(f"--range must look like 10-100 (two integers), got {text!r}") from None
+        raise UserError(f"--range must look like 10-100 (two integers), got {text!r}") from None
     if not 0 <= lo < hi:
-        raise ValueError(f"--range {text}: need 0 <= start < end")
+        raise UserError(f"--range {text}: need 0 <= start < end")
     return lo, hi
-
-
-def read_training_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-blank line, each validated as a training example."""
-    from denselm.data.formats import DataError, parse_example
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: no such file")
-    out = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            parse_example(raw, f"{path}:{line_no}", needs_neg=False)  # DataError names file:line:field
-            out.append((line_no, json.loads(raw)))
-    if not out:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    return out
 
 
 def pool_from_lines(lines: Sequence[tuple[int, dict]]) -> list[str]:
@@ -240,10 +224,9 @@ def bm25_rankings(queries, pool, positives, depth, k1: float = 1.5, b: float = 0
 
     A positive absent from the pool has no score (NaN).
     """
-    try:
-        import bm25s
-    except ImportError:
-        raise ValueError("--model bm25 needs the bm25s package: pip install bm25s") from None
+    from denselm.errors import require
+
+    bm25s = require("bm25s", "mine", "--model bm25")
 
     from denselm.baselines import bm25_tokenize
 
@@ -347,13 +330,6 @@ def mine_lines(
     return out, stats
 
 
-def write_jsonl_atomic(path: str | os.PathLike, objects: Sequence[dict]) -> None:
-    """One JSON object a line, via a temp file + rename: never a half-written output."""
-    from denselm.search import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
-
-
 # ------------------------------------------------------------------------------------ CLI
 
 
@@ -379,6 +355,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="denselm model folder (or plain folder + --preset), or 'bm25'")
     parser.add_argument("--input", required=True, help="training JSONL (query, pos, neg, ...)")
     parser.add_argument("--output", required=True, help="training JSONL to write (neg replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output (and its .stats.json) if it exists")
     parser.add_argument("--corpus", default=None,
                         help="BEIR corpus.jsonl to draw negatives from (default: every pos/neg text of --input)")
     parser.add_argument("--range", default="10-100",
@@ -403,23 +380,23 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from denselm.beir import read_corpus
-    from denselm.cli import CliError
     from denselm.errors import ConfigError
+    from denselm.io import atomic_write, remove_stale_temps
+    from denselm.outputs import prepare_output
 
-    try:
-        lo, hi = parse_range(args.range)
-    except ValueError as err:
-        raise CliError(str(err)) from None
+    lo, hi = parse_range(args.range)
     if args.num_negatives < 1:
-        raise CliError(f"--num-negatives must be >= 1, got {args.num_negatives}")
+        raise UserError(f"--num-negatives must be >= 1, got {args.num_negatives}")
     if args.max_positive_ratio is not None and not args.max_positive_ratio > 0:
-        raise CliError(f"--max-positive-ratio must be > 0, got {args.max_positive_ratio}")
+        raise UserError(f"--max-positive-ratio must be > 0, got {args.max_positive_ratio}")
     if args.positive_margin is not None and not np.isfinite(args.positive_margin):
         raise ConfigError(f"--positive-margin must be a finite number, got {args.positive_margin}")
     if args.judge_batch_size < 1:
         raise ConfigError(f"--judge-batch-size must be >= 1, got {args.judge_batch_size}")
     if Path(args.output).resolve() == Path(args.input).resolve():
-        raise CliError("--output must differ from --input")
+        raise UserError("--output must differ from --input")
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before any model loads
+    remove_stale_temps(Path(args.output).parent, target=Path(str(args.output) + ".stats.json").name)
     judge = load_judge(args.judge, args.judge_kind, args.judge_batch_size, args.device) if args.judge else None
     lines = read_training_lines(args.input)
     pool = list(dict.fromkeys(read_corpus(args.corpus)[1])) if args.corpus else pool_from_lines(lines)
@@ -439,11 +416,9 @@ def run(args) -> int:
                                                   args.instruction, args.device)
     out, stats = mine_lines(lines, pool, indices, scores, pos_min, lo, hi, args.num_negatives,
                             args.seed, args.max_positive_ratio, args.positive_margin, judge)
-    write_jsonl_atomic(args.output, out)
+    write_jsonl(args.output, out)
     stats_path = Path(str(args.output) + ".stats.json")
-    from denselm.search import atomic_write_text
-
-    atomic_write_text(stats_path, json.dumps({"model": str(args.model), "range": [lo, hi],
+    atomic_write(stats_path, json.dumps({"model": str(args.model), "range": [lo, hi],
                                               "num_negatives": args.num_negatives,
                                               "max_positive_ratio": args.max_positive_ratio,
                                               "positive_margin": args.positive_margin,

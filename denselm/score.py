@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from denselm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("bi-encoder", "cross-encoder")
@@ -150,7 +152,7 @@ def cross_encoder_scores(
                                       activation_fn=torch.nn.Identity(),
                                       convert_to_numpy=True, show_progress_bar=len(pairs) > 1000), dtype=np.float64)
     if logits.ndim != 1:
-        raise ValueError(f"the cross-encoder returns {logits.shape[1]} scores per pair; a relevance teacher has 1")
+        raise UserError(f"the cross-encoder returns {logits.shape[1]} scores per pair; a relevance teacher has 1")
     at = {p: float(s) for p, s in zip(pairs, logits)}
     return [[at[(q, t)] for t in ts] for q, ts in zip(queries, texts_per_line)]
 
@@ -163,7 +165,9 @@ def load_teacher(spec: str, kind: str, device: str | None = None, max_length: in
     path = resolve(spec)
     if kind == "bi-encoder":
         if not (path / "modules.json").is_file():
-            raise FileNotFoundError(
+            from denselm.errors import InputNotFound
+
+            raise InputNotFound(
                 f"--teacher {spec}: {path} is not a sentence-transformers folder (no modules.json); "
                 "use --kind cross-encoder for a reranker"
             )
@@ -186,6 +190,7 @@ def add_arguments(parser) -> None:
                         help="sentence-transformers folder (or 'minilm'), or a cross-encoder folder with --kind cross-encoder")
     parser.add_argument("--input", required=True, help="training JSONL (query, pos, neg, ...)")
     parser.add_argument("--output", required=True, help="training JSONL to write, with pos_scores/neg_scores")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--kind", default="bi-encoder", choices=KINDS, help="teacher type (default bi-encoder)")
     parser.add_argument("--batch-size", type=int, default=32, help="teacher batch size (default 32)")
     parser.add_argument("--max-length", type=int, default=None, help="teacher's maximum tokens (default: its own)")
@@ -195,16 +200,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from denselm.cli import CliError
-    from denselm.mine import read_training_lines, write_jsonl_atomic
+    from denselm.data.formats import read_training_lines, write_jsonl
+    from denselm.errors import UserError, require
+    from denselm.outputs import prepare_output
+
+    require("sentence_transformers", "score", "denselm score", "sentence-transformers")
 
     if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.kind == "cross-encoder" and (args.query_prompt or args.passage_prompt):
-        raise CliError("--query-prompt/--passage-prompt apply to --kind bi-encoder only")
+        raise UserError("--query-prompt/--passage-prompt apply to --kind bi-encoder only")
     if Path(args.output).resolve() == Path(args.input).resolve():
-        raise CliError("--output must differ from --input")
+        raise UserError("--output must differ from --input")
     lines = read_training_lines(args.input)
+    prepare_output(args.output, args.overwrite)  # refused if it exists, writable: before the teacher loads
     teacher = load_teacher(args.teacher, args.kind, args.device, args.max_length)
     queries = [obj["query"] for _, obj in lines]
     texts = [[*obj["pos"], *(obj.get("neg") or [])] for _, obj in lines]
@@ -219,7 +228,7 @@ def run(args) -> int:
         out.append({**obj, "pos_scores": s[:n_pos], "neg_scores": s[n_pos:]})
     u = teacher_uniformity([s[:1] + s[len(obj["pos"]):] for (_, obj), s in zip(lines, scores)])
     warn_if_uniform(u)
-    write_jsonl_atomic(args.output, out)
+    write_jsonl(args.output, out)
     logger.info("wrote %s; teacher entropy ratio by temperature: %s", args.output,
                 ", ".join(f"T={t:g}: {r:.3f}" for t, r in u.mean_ratio.items()))
     return 0

@@ -7,20 +7,15 @@
   by lower corpus index.
 - ``build_index`` / ``search_index``: FAISS flat (IndexFlatIP), IVF (IndexIVFFlat) and HNSW
   (IndexHNSWFlat), all inner product; ``save_index`` / ``load_index``.
-- Embedding folders (written by ``denselm encode``): ``shard-00000.npy`` (float32 or float16,
-  [n, d]) + ``shard-00000.ids.json`` (list of string ids), ..., and ``manifest.json``, written
-  last, which marks the folder complete. See ``save_embedding_shard`` / ``write_embedding_manifest``
-  / ``load_embeddings``.
-- TREC runs: ``qid Q0 docid rank score tag`` lines; ``write_trec_run`` / ``read_trec_run``.
+- ``topk_to_run``: search output -> query id -> doc id -> score.
+
+Embedding folders (what ``encode`` writes and this reads) are ``denselm.embeddings``; TREC run files
+are read and written by ``denselm.io``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,10 +24,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+from .embeddings import load_embeddings
+from .errors import DataError, InputNotFound, UserError
+from .io import atomic_file, check_writable, remove_stale_temps, write_trec_run
+
 INDEX_KINDS = ("exact", "flat", "ivf", "hnsw")
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "denselm.embeddings"
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.npy$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +67,7 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def _raise_nan(queries: torch.Tensor, chunk: torch.Tensor, query_offset: int, doc_offset: int) -> None:
     bad_q = ((~torch.isfinite(queries)).any(dim=1).nonzero().squeeze(1) + query_offset).tolist()
     bad_d = ((~torch.isfinite(chunk)).any(dim=1).nonzero().squeeze(1) + doc_offset).tolist()
-    raise ValueError(
+    raise DataError(
         f"NaN scores: NaN/inf in query rows {bad_q[:5]}, corpus rows {bad_d[:5]} (overflow in fp16 encoding?)"
     )
 
@@ -189,7 +185,7 @@ def build_index(
     elif kind == "ivf":
         nlist = nlist or default_nlist(x.shape[0])
         if nlist > x.shape[0]:
-            raise ValueError(f"--nlist {nlist} exceeds the corpus size {x.shape[0]}")
+            raise UserError(f"--nlist {nlist} exceeds the corpus size {x.shape[0]}")
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)  # k-means with FAISS's fixed seed: deterministic for a given thread count
@@ -199,7 +195,7 @@ def build_index(
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
     else:
-        raise ValueError(f"--index must be one of flat, ivf, hnsw for FAISS, got {kind!r}")
+        raise UserError(f"--index must be one of flat, ivf, hnsw for FAISS, got {kind!r}")
     index.add(x)
     return index
 
@@ -226,32 +222,20 @@ def search_index(
     return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
 
 
-def _atomic_path(path: Path) -> Path:
-    """A temp file name in the same folder (so os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_index(index, path: str | Path) -> None:
     """Write a FAISS index (with its nprobe / efSearch) atomically."""
     import faiss
 
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # faiss writes by file name; serialising to bytes lets the io layer do the atomic write
+    with atomic_file(path) as f:
+        f.write(faiss.serialize_index(index).tobytes())
 
 
 def load_index(path: str | Path):
     import faiss
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no FAISS index file")
+        raise InputNotFound(f"{path}: no FAISS index file")
     return faiss.read_index(str(path))
 
 
@@ -268,157 +252,6 @@ def search(
     if kind == "exact":
         return exact_search(queries, corpus, k, device=device)
     return search_index(build_index(corpus, kind, **index_options), queries, k)
-
-
-# ---------------------------------------------------------------------------------------------
-# embedding shards
-
-
-def shard_paths(folder: str | Path, index: int) -> tuple[Path, Path]:
-    """(array path, ids path) of shard ``index``: shard-00000.npy, shard-00000.ids.json."""
-    folder = Path(folder)
-    return folder / f"shard-{index:05d}.npy", folder / f"shard-{index:05d}.ids.json"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text via a temp file in the same folder + os.replace: readers never see half a file."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_embedding_shard(
-    folder: str | Path, index: int, ids: Sequence[str], array: np.ndarray
-) -> Path:
-    """Write shard ``index`` of an embedding folder: ids first, then the array, each atomically.
-
-    The ``.npy`` file appears last, so a shard whose ``.npy`` exists is complete (an interrupted
-    encode can resume at the first missing ``.npy``). float32 and float16 are kept as given.
-    Returns the array's path.
-    """
-    array = np.asarray(array)
-    if array.ndim != 2:
-        raise ValueError(f"shard {index}: embeddings must be 2-D [n, dim], got shape {array.shape}")
-    if array.dtype not in (np.float32, np.float16):
-        raise ValueError(f"shard {index}: embeddings must be float32 or float16, got {array.dtype}")
-    ids = [str(i) for i in ids]
-    if len(ids) != array.shape[0]:
-        raise ValueError(f"shard {index}: {len(ids)} ids for {array.shape[0]} embeddings")
-    npy_path, ids_path = shard_paths(folder, index)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ids_path, json.dumps(ids, ensure_ascii=False))
-    tmp = _atomic_path(npy_path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, npy_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return npy_path
-
-
-def list_shards(folder: str | Path) -> list[int]:
-    """Indices of the complete shards (``.npy`` present) in ascending order."""
-    return sorted(int(m.group(1)) for p in Path(folder).iterdir() if (m := _SHARD_RE.match(p.name)))
-
-
-def write_embedding_manifest(folder: str | Path, info: dict | None = None) -> dict:
-    """Write ``manifest.json`` (last, atomically) describing the shards now in ``folder``.
-
-    Fields: format, version, num_shards, count, dim, dtype, plus ``info`` (e.g. model, kind of
-    texts, instruction). Shards must be numbered 0..n-1 without gaps. Returns the manifest.
-    """
-    folder = Path(folder)
-    shards = list_shards(folder)
-    if shards != list(range(len(shards))):
-        raise ValueError(f"{folder}: shards must be numbered 0..n-1 without gaps, found {shards}")
-    count, dims, dtypes = 0, set(), set()
-    for i in shards:
-        arr = np.load(shard_paths(folder, i)[0], mmap_mode="r")  # header only, no data read
-        count += arr.shape[0]
-        dims.add(int(arr.shape[1]))
-        dtypes.add(str(arr.dtype))
-    if len(dims) > 1:
-        raise ValueError(f"{folder}: shards have different dimensions {sorted(dims)}")
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "num_shards": len(shards),
-        "count": count,
-        "dim": dims.pop() if dims else None,
-        "dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
-        **(info or {}),
-    }
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2))
-    return manifest
-
-
-def load_embeddings(folder: str | Path, require_manifest: bool = True) -> tuple[list[str], np.ndarray]:
-    """Read an embedding folder -> (ids, embeddings [N, d] float32), in shard order.
-
-    Without ``manifest.json`` the folder is treated as incomplete (an encode still running or
-    interrupted) and refused unless ``require_manifest=False``. Checks: shard numbering, the
-    manifest's counts, ids matching rows, duplicate ids across shards.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: embedding folder not found")
-    manifest_path = folder / MANIFEST_NAME
-    manifest = None
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest_path}: malformed JSON ({err.msg})") from None
-    elif require_manifest:
-        raise ValueError(
-            f"{folder}: no {MANIFEST_NAME}; the encode that writes it did not finish (rerun it to resume)"
-        )
-    shards = list_shards(folder)
-    if not shards:
-        raise ValueError(f"{folder}: no shard-*.npy files")
-    if shards != list(range(len(shards))):
-        raise ValueError(f"{folder}: shards must be numbered 0..n-1 without gaps, found {shards}")
-    if manifest is not None and manifest.get("num_shards") != len(shards):
-        raise ValueError(
-            f"{manifest_path}: field 'num_shards' is {manifest.get('num_shards')} but {len(shards)} shards exist"
-        )
-
-    arrays = [np.load(shard_paths(folder, i)[0], mmap_mode="r") for i in shards]  # lazy, no copy yet
-    dims = {a.shape[1] if a.ndim == 2 else None for a in arrays}
-    if len(dims) != 1 or None in dims:
-        raise ValueError(f"{folder}: shards must all be 2-D with one dimension, got shapes {[a.shape for a in arrays]}")
-    total = sum(a.shape[0] for a in arrays)
-    if manifest is not None and manifest.get("count") not in (None, total):
-        raise ValueError(f"{manifest_path}: field 'count' is {manifest['count']} but shards hold {total} rows")
-
-    ids: list[str] = []
-    out = np.empty((total, dims.pop()), dtype=np.float32)  # filled shard by shard: one copy in memory
-    row = 0
-    for i, arr in zip(shards, arrays):
-        ids_path = shard_paths(folder, i)[1]
-        if not ids_path.is_file():
-            raise ValueError(f"{ids_path}: missing (every shard-NNNNN.npy needs its .ids.json)")
-        shard_ids = json.loads(ids_path.read_text(encoding="utf-8"))
-        if not isinstance(shard_ids, list) or len(shard_ids) != arr.shape[0]:
-            n = len(shard_ids) if isinstance(shard_ids, list) else type(shard_ids).__name__
-            raise ValueError(f"{ids_path}: expected a list of {arr.shape[0]} ids, got {n}")
-        ids.extend(str(x) for x in shard_ids)
-        out[row : row + arr.shape[0]] = arr
-        row += arr.shape[0]
-    if len(set(ids)) != len(ids):
-        seen, dup = set(), None
-        for x in ids:
-            if x in seen:
-                dup = x
-                break
-            seen.add(x)
-        raise ValueError(f"{folder}: duplicate id {dup!r} across shards")
-    return ids, out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,46 +290,6 @@ def topk_to_run(
     return run
 
 
-def write_trec_run(path: str | Path, run: dict[str, dict[str, float]], tag: str = "denselm") -> None:
-    """Write ``qid Q0 docid rank score tag`` lines, atomically.
-
-    Within a query, lines are in trec_eval's order (score descending, then doc id descending), so
-    the rank column agrees with how trec_eval and ``denselm.evaluate`` read the file. Scores are
-    written with 9 significant digits (round-trips float32).
-    """
-    if not tag or any(ch.isspace() for ch in tag):
-        raise ValueError(f"--tag must be one word without spaces, got {tag!r}")
-    lines = []
-    for qid, hits in run.items():
-        ordered = sorted(hits.items(), key=lambda item: (item[1], item[0]), reverse=True)
-        for rank, (did, score) in enumerate(ordered, start=1):
-            lines.append(f"{qid} Q0 {did} {rank} {score:.9g} {tag}\n")
-    atomic_write_text(path, "".join(lines))
-
-
-def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
-    """Read a TREC run file -> query id -> doc id -> score (the rank column is not used, as in trec_eval)."""
-    path = Path(path)
-    run: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            cols = line.split()
-            if len(cols) != 6:
-                raise ValueError(f"{path}:{line_no}: expected 6 columns 'qid Q0 docid rank score tag', got {len(cols)}")
-            qid, _, did, _, raw_score, _ = cols
-            try:
-                score = float(raw_score)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: field 'score' is not a number: {raw_score!r}") from None
-            hits = run.setdefault(qid, {})
-            if did in hits:
-                raise ValueError(f"{path}:{line_no}: document {did!r} listed twice for query {qid!r}")
-            hits[did] = score
-    return run
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -523,16 +316,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from denselm.cli import CliError
-
     if args.k < 1:
-        raise CliError(f"--k must be >= 1, got {args.k}")
+        raise UserError(f"--k must be >= 1, got {args.k}")
     if args.index_file and args.index == "exact":
-        raise CliError("--index-file needs a FAISS --index (flat, ivf or hnsw)")
+        raise UserError("--index-file needs a FAISS --index (flat, ivf or hnsw)")
+    check_writable(args.output)  # before reading (possibly large) embeddings
+    remove_stale_temps(Path(args.output).parent, target=Path(args.output).name)  # a killed earlier write's temp
     query_ids, query_emb = load_embeddings(args.queries)
     doc_ids, doc_emb = load_embeddings(args.corpus)
     if query_emb.shape[1] != doc_emb.shape[1]:
-        raise CliError(f"--queries have dimension {query_emb.shape[1]} but --corpus has {doc_emb.shape[1]}")
+        raise UserError(f"--queries have dimension {query_emb.shape[1]} but --corpus has {doc_emb.shape[1]}")
     depth = args.k + 1 if args.ignore_identical_ids else args.k  # one spare for the dropped self-hit
     logger.info("searching %d queries over %d documents (dim %d, %s, k=%d)",
                 len(query_ids), len(doc_ids), doc_emb.shape[1], args.index, args.k)
@@ -542,7 +335,7 @@ def run(args) -> int:
         if args.index_file and Path(args.index_file).is_file():
             index = load_index(args.index_file)
             if index.ntotal != len(doc_ids) or index.d != doc_emb.shape[1]:
-                raise CliError(
+                raise UserError(
                     f"--index-file {args.index_file} holds {index.ntotal} x {index.d} vectors but --corpus has "
                     f"{len(doc_ids)} x {doc_emb.shape[1]}; delete it to rebuild"
                 )

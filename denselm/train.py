@@ -3,6 +3,7 @@
     denselm train configs/tiny.yaml --train.max_steps 20
     torchrun --nproc_per_node 8 -m denselm.cli train configs/mistral7b.yaml
     denselm train configs/tiny.yaml --resume latest
+    denselm train configs/tiny.yaml --overwrite     # start over in the same train.output_dir
 
 Single process is world size 1: no special case below; how the model is
 wrapped, synced and gathered on N processes is ``denselm.parallel``'s.  Per
@@ -15,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -25,15 +24,18 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed, parallel
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config, resume_changes
 from .data.dataset import TrainDataset, build_dataloader
 from .data.templates import add_template_tokens, get_template
-from .search import atomic_write_text
+from .errors import ConfigError, DataError, ModelNotFound
+from .io import atomic_write, check_writable, fault_point, remove_stale_temps
 from .model.backbone import apply_lora, decoder_layers, load_backbone, trainable_to_fp32
 from .model.encoder import BiEncoderModel
+from .outputs import check_run_folder, clear_run_folder
+from .spec import spec_from_config
 
 logger = logging.getLogger("denselm.train")
-ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through
+ACCEPTS_OVERRIDES = True  # the CLI passes --section.key overrides through (as args.overrides)
 
 
 class TrainingError(RuntimeError):
@@ -44,7 +46,14 @@ class TrainingError(RuntimeError):
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(Path(cfg.model.name_or_path).expanduser()))
+    name = str(Path(cfg.model.name_or_path).expanduser())
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as err:  # transformers' "not a local folder and not a valid model identifier" (or offline)
+        raise ModelNotFound(
+            f"model.name_or_path {cfg.model.name_or_path}: neither a model folder here nor reachable on the hub "
+            f"({str(err).splitlines()[0][:200]}); give a local folder, or go online / set HF_HUB_OFFLINE=0"
+        ) from None
     if tok.eos_token is None:
         raise ConfigError(f"model.name_or_path: the tokenizer of {cfg.model.name_or_path} has no eos_token")
     added = []
@@ -70,27 +79,13 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
     n_total = sum(p.numel() for p in backbone.parameters())
     logger.info("model: %s, %d layers, %.1fM parameters, %.2fM trainable (float32)", cfg.model.name_or_path,
                 len(decoder_layers(backbone)), n_total / 1e6, n_trainable / 1e6)
-    manifest = {
-        "template": cfg.data.template,
-        # Inference's default query instruction: the global one, else the one evaluation used
-        # (data with per-line prompts has no global one).
-        "prompt": cfg.data.prompt if cfg.data.prompt is not None else cfg.eval.query_instruction,
-        "query_max_len": cfg.data.query_max_len,
-        "passage_max_len": cfg.data.passage_max_len,
-        "passage_prefix": cfg.data.passage_prefix,
-        "added_tokens": added_tokens,
-        "num_layers": cfg.model.num_layers,
-        "base_model": (str(Path(cfg.model.name_or_path).expanduser().resolve())
-                       if Path(cfg.model.name_or_path).expanduser().exists() else cfg.model.name_or_path),
-    }
     model = BiEncoderModel(
         model=backbone,
         tokenizer=tokenizer,
-        normalized=cfg.model.normalized,
+        spec=spec_from_config(cfg, added_tokens),
         temperature=cfg.model.temperature,
         negatives_cross_device=cfg.loss.negatives_cross_device and distributed.info().world_size > 1,
         sub_batch_size=cfg.loss.sub_batch_size,
-        pooling=cfg.model.pooling,
         teacher_temperature=cfg.loss.teacher_temperature,
         distill_weight=cfg.loss.distill_weight,
         distill_loss=cfg.loss.distill_loss,
@@ -98,9 +93,6 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]) -> BiEncoderMod
         grad_cache=cfg.loss.grad_cache,
         grad_cache_chunk_size=cfg.loss.grad_cache_chunk_size,
         grad_cache_max_tokens=cfg.loss.grad_cache_max_tokens,
-        position_ids=cfg.model.position_ids,
-        packing=cfg.model.packing,
-        manifest=manifest,
         loss_options=cfg.loss.options(),
     )
     if cfg.model.gradient_checkpointing:
@@ -212,14 +204,15 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint: they are about to be re-run.
             kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+            atomic_write(self.path, "".join(l + "\n" for l in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError:
+                logger.warning("train.tensorboard is true but tensorboard is not installed (pip install tensorboard); "
+                               "logging to %s only", self.path)
+            else:
                 self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -240,14 +233,20 @@ def evaluate_during_training(model: BiEncoderModel, cfg: Config, data,
 
     strategy = strategy or parallel.Single()
     enc = Encoder(model_for_save(model, strategy), batch_size=cfg.eval.batch_size, show_progress=strategy.is_main)
-    instruction = cfg.eval.query_instruction if cfg.eval.query_instruction is not None else cfg.data.prompt
+    # eval.query_instruction, else the spec's prompt (data.prompt: see spec_from_config)
+    instruction = cfg.eval.query_instruction
     ks = sorted({1, 10, 100, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
     return evaluate_model(lambda t: enc.encode_queries(t, instruction=instruction), enc.encode_corpus, data, ks=ks)
 
 
 # ---------------------------------------------------------------------- loop
-def train(cfg: Config, resume: str | None = None) -> Path:
-    """Run training; returns the final model folder (``output_dir/model``)."""
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run training; returns the final model folder (``output_dir/model``).
+
+    ``resume``: "latest" or a checkpoint folder; ``overwrite``: clear what an earlier run wrote in
+    ``train.output_dir`` first. Without either, a non-empty ``train.output_dir`` is refused
+    (``denselm.outputs``): two runs never mix in one folder.
+    """
     cfg.validate_paths()
     strategy = parallel.setup(cfg.train.strategy)
     rank, world = strategy.rank, strategy.world_size
@@ -255,11 +254,16 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         raise ConfigError(f"train.merge_lora is not supported with train.strategy {cfg.train.strategy}; "
                           "run denselm export afterwards")
     output_dir = Path(cfg.train.output_dir)
+    check_run_folder(output_dir, resume, overwrite)  # nothing read or deleted yet
     # Every rank checks the path (a bad one fails everywhere); rank 0's `latest` wins, as
     # ranks listing a shared folder could see different newest checkpoints.
     resume_path = strategy.broadcast_object(ckpt.resolve_resume(output_dir, resume))
-    if resume is None and (output_dir / "model").exists():
-        raise ConfigError(f"train.output_dir {output_dir} already holds a finished run; use --resume or another folder")
+    if resume_path is not None:
+        check_resume_config(cfg, resume_path, output_dir)  # before the model: no tensor size-mismatch traceback
+    check_writable(output_dir, "train.output_dir")  # before any model loads
+    if strategy.is_main:
+        for folder in (output_dir, output_dir / "checkpoints"):
+            remove_stale_temps(folder)  # leftovers of a killed checkpoint or model write
     device = pick_device(cfg)
     torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank (a sharded wrap does not broadcast it)
 
@@ -302,9 +306,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             eval_data.qrels = {q: v for q, v in eval_data.qrels.items() if q in keep}
 
     if strategy.is_main:
+        if overwrite:  # only now: a bad model name or data file must not cost the old run
+            removed = clear_run_folder(output_dir)
+            if removed:
+                logger.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = RunLog(output_dir, strategy.is_main, cfg.train.tensorboard, step if resume_path else None)
+        atomic_write(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # --resume without a checkpoint starts from step 0: the lines of the run that died before its
+    # first checkpoint go, they are about to be re-run
+    log = RunLog(output_dir, strategy.is_main, cfg.train.tensorboard, step if resume is not None else None)
     loader = build_dataloader(dataset, *dataset.position(step), num_batches=total_steps - step)
     batches = iter(loader)  # draws a seed from the torch RNG: before restoring it, as in the first run
     if resume_path is not None:
@@ -361,7 +371,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
                   "same_document_masked": batch.num_same_document,
-                  "epoch": round(step / dataset.steps_per_epoch, 4), **parts}
+                  "epoch": round(step / dataset.steps_per_epoch, 4),
+                  "truncated_queries": batch.num_truncated_queries, "truncated_passages": batch.num_truncated_passages,
+                  "icl_examples": batch.num_icl_examples, **parts}
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
         if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
@@ -382,8 +394,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
             save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, best, output_dir)
-        if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash no handler can soften
+        fault_point("train.step")  # tests: DENSELM_FAULT=train.step:kill@3 (see denselm.io)
 
     if progress is not None:
         progress.close()
@@ -409,14 +420,10 @@ def save_model(model: BiEncoderModel, strategy: parallel.Strategy, path: Path, m
 
 def model_for_save(model: BiEncoderModel, strategy: parallel.Strategy) -> BiEncoderModel:
     """The BiEncoderModel around the unwrapped backbone, for saving and evaluating on one
-    rank without the wrapper's collectives."""
+    rank without the wrapper's collectives (the same spec and settings: ``with_backbone``)."""
     bare = strategy.unwrap(model.model)
     if bare is not model.model:
-        view = BiEncoderModel(model=bare, tokenizer=model.tokenizer, normalized=model.normalized,
-                              temperature=model.temperature if model.normalized else 1.0, pooling=model.pooling,
-                              position_ids=model.position_policy, packing=model.packing, manifest=model.manifest)
-        view.prefix_cache = model.prefix_cache  # the same frozen layers: evaluation texts are cached too
-        return view
+        return model.with_backbone(bare, negatives_cross_device=False)
     return model
 
 
@@ -430,18 +437,42 @@ def save_training_checkpoint(model, cfg, strategy, optimizer, scheduler, step, b
     )
 
 
+def check_resume_config(cfg: Config, resume_path: Path, output_dir: Path) -> None:
+    """Refuse a resume whose config differs from the saved one outside ``config.RESUMABLE_KEYS``.
+
+    The saved config is the checkpoint's own ``config.yaml`` (the state about to be loaded), else
+    the run folder's. One line naming each key, saved -> new (exit 2).
+    """
+    saved_path = next((p for p in (resume_path / "config.yaml", output_dir / "config.yaml") if p.is_file()), None)
+    if saved_path is None:
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{saved_path}: unreadable saved config ({type(err).__name__}); "
+                        "restore it from the checkpoint's config.yaml") from None
+    changes = resume_changes(saved, cfg)
+    if changes:
+        listed = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes)
+        raise ConfigError(
+            f"--resume: the run in {output_dir} was trained with other settings: {listed}; resume with the saved "
+            f"values ({saved_path}), or start a new run in another train.output_dir (or with --overwrite)"
+        )
+
+
 # ----------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (see configs/); overrides: --section.key value")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the latest checkpoint in train.output_dir, or from a given folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear train.output_dir first (only the files denselm wrote there; refused otherwise)")
 
 
 def run(args) -> int:
-    overrides = list(getattr(args, "_unknown", []))
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.overrides))
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingError as err:
         logger.error("%s", err)
         return 3

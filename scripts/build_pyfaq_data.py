@@ -36,6 +36,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -795,28 +796,36 @@ def mine_bm25_negatives(
     The pool is every kept passage. Ranks 1 and 2 are skipped by default: the
     top of the list holds the positive and, often, a near-copy of it (an
     overload, the same function in another module), i.e. false negatives.
-    Candidates equal to the positive are dropped; when fewer than ``num_neg``
-    remain, the list is filled with random pool passages (counted in stats).
+    Candidates equal to the positive up to case, punctuation and spacing
+    (:func:`normalized_text`) are dropped: ``api.jsonl.gz`` once shipped a negative
+    that was its positive plus a final period, which the collator's exact-text
+    false-negative mask does not catch (``denselm doctor`` flagged it). When
+    fewer than ``num_neg`` remain, the list is filled with random pool passages
+    (counted in stats).
     """
     from denselm.baselines import bm25_run
 
     ids = [str(i) for i in range(len(pairs))]
     passages = [p.passage for p in pairs]
+    keys = [normalized_text(t) for t in passages]
     run = bm25_run(ids, passages, ids, [p.query for p in pairs], k=last_rank)
     rng = random.Random(seed)
-    negatives, filled = [], 0
+    negatives, filled, same_as_positive = [], 0, 0
     for i, p in enumerate(pairs):
         ranked = sorted(run[str(i)].items(), key=lambda kv: -kv[1])
         chosen = []
         for rank, (doc, _) in enumerate(ranked, start=1):
-            if rank < first_rank or int(doc) == i or passages[int(doc)] == p.passage:
+            if rank < first_rank or int(doc) == i:
+                continue
+            if keys[int(doc)] == keys[i]:
+                same_as_positive += 1
                 continue
             chosen.append(int(doc))
             if len(chosen) == num_neg:
                 break
         while len(chosen) < num_neg:
             d = rng.randrange(len(pairs))
-            if d != i and d not in chosen:
+            if d != i and d not in chosen and keys[d] != keys[i]:
                 chosen.append(d)
                 filled += 1
         negatives.append([passages[d] for d in chosen])
@@ -824,8 +833,15 @@ def mine_bm25_negatives(
         "num_neg": num_neg,
         "ranks": [first_rank, last_rank],
         "random_fill": filled,
+        "dropped_same_as_positive": same_as_positive,
     }
     return negatives
+
+
+def normalized_text(text: str) -> str:
+    """``text`` casefolded, without punctuation (Unicode category P*) or whitespace: the key two
+    passages must share to count as the same text (so "x is a string" == "X is a string.")."""
+    return "".join(c for c in text.casefold() if not (c.isspace() or unicodedata.category(c).startswith("P")))
 
 
 def teacher_scores(model_dir: Path, pairs: list[Pair], negatives: list[list[str]], batch_size: int = 64):

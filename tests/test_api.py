@@ -11,7 +11,7 @@ from tiny_models import tiny_backbone
 
 import denselm
 from denselm.cli import main as cli_main
-from denselm.search import load_embeddings
+from denselm.embeddings import load_embeddings
 
 PROMPT = "Given a fruit, retrieve its passage"
 

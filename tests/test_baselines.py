@@ -90,6 +90,7 @@ def test_st_run_with_mock_encoder():
     assert enc.prompts == [None, "P: "]  # documents without, queries with the prompt
 
 
+@pytest.mark.slow  # a real asset
 def test_st_run_real_minilm():
     from denselm.assets import AssetMissing, minilm_dir
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark smoke runs (minutes on 2 cores)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(name: str, *args: str) -> list[dict]:
+def run_script(name: str, *args: str, timeout: float = 240) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=240)
+                          env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
     assert lines
@@ -78,3 +80,38 @@ def test_encode_bench_quick():
         if variant != "seed-unsorted":
             assert rec["vs_seed-unsorted"]["median"] > 0
     assert set(by[("float32", "denselm")]["defaults"]) == {"packing", "packing_max_tokens", "batch_size", "max_tokens"}
+
+
+@pytest.mark.timeout(900)
+def test_serve_bench_tiny(tmp_path):
+    """`denselm serve` and the plain sentence-transformers server against one tiny export, both lengths.
+
+    infinity-emb runs too when its benchmark venv exists (it is never built here)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    pytest.importorskip("sentence_transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bench
+
+    engines = "denselm,st" + (",infinity" if serve_bench.infinity_available() else "")
+    lines = run_script("serve_bench.py", "--tiny", "--quick", "--clients", "1,4", "--engines", engines,
+                       "--work", str(tmp_path), "--table", str(tmp_path / "table.md"), timeout=850)
+    config = lines[0]["config"]
+    assert config["threads"] == 2 and config["dtype"] == "float32"
+    assert config["mean_tokens"]["long"] >= 256 > config["mean_tokens"]["short"]
+    # every engine computes the offline vectors (the same export, documents)
+    checks = {r["engine"]: r for r in lines if "min_cosine_vs_offline" in r}
+    assert set(checks) == set(engines.split(","))
+    assert all(r["min_cosine_vs_offline"] >= 0.9999 for r in checks.values()), checks
+    assert not [r for r in lines if "error" in r]
+    cells = {(r["engine"], r["length"], r["clients"]): r for r in lines if "cell" in r}
+    assert set(cells) == {(e, n, c) for e in checks for n in ("short", "long") for c in (1, 4)}
+    for r in cells.values():
+        assert r["requests"] == 8 and r["tokens_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+        if r["clients"] == 4:
+            assert r["vs_offline"] > 0
+    offline = {r["offline"]: r for r in lines if "offline" in r}
+    assert set(offline) == {"short@4", "long@4"}
+    summary = lines[-1]["summary"]
+    assert len(summary["loadavg_start"]) == 3 and "denselm_long_vs_offline" in summary
+    assert "| long | 4 |" in (tmp_path / "table.md").read_text()

@@ -260,6 +260,26 @@ def test_mine_bm25_negatives():
     assert stats["bm25_negatives"]["random_fill"] == 7
 
 
+def test_mine_bm25_negatives_drops_positive_up_to_case_and_punctuation():
+    # api.jsonl.gz line 1569 once had its positive plus a final period as a negative: the
+    # pool here holds that copy (and a re-cased, re-spaced one), BM25's best matches after the positive
+    pos = "type_comment is an optional string with the type annotation as a comment"
+    copies = [pos + ".", "Type_comment  is an optional string, with the type annotation as a comment!"]
+    others = [f"the ast module node number {i} has fields and a string annotation" for i in range(12)]
+    pairs = [b.Pair("api", "ast.arg.type_comment type annotation comment", pos, "a")]
+    pairs += [b.Pair("api", f"q{k}", t, f"c{k}") for k, t in enumerate(copies + others)]
+    stats = {}
+    negs = b.mine_bm25_negatives(pairs, num_neg=7, first_rank=1, last_rank=30, seed=0, stats=stats)
+    assert len(negs[0]) == 7 and not set(copies) & set(negs[0])
+    assert b.normalized_text(pos) == b.normalized_text(copies[0]) == b.normalized_text(copies[1])
+    assert b.normalized_text("a.b(x)") == "abx" != b.normalized_text("a+b")
+    assert stats["bm25_negatives"]["dropped_same_as_positive"] == 2  # both copies, from the first line's ranking
+    # the copies' own queries match nothing: their negatives are random fills, which skip copies too
+    for n in negs[1:3]:
+        assert not {pos, *copies} & set(n)
+
+
+@pytest.mark.slow  # a real asset
 def test_real_faq_has_173_pairs():
     faq_dir = SOURCES / "faq"
     if not faq_dir.is_dir():

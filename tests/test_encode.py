@@ -16,8 +16,9 @@ from data_helpers import WORDS, make_tokenizer, write_jsonl
 from tiny_models import tiny_backbone
 
 from denselm.cli import main as cli_main
-from denselm.encode import FAULT_ENV, PLAN_NAME
-from denselm.search import MANIFEST_NAME, list_shards, load_embeddings, shard_paths
+from denselm.encode import PLAN_NAME
+from denselm.io import faults
+from denselm.embeddings import EMBEDDINGS_MANIFEST as MANIFEST_NAME, list_shards, load_embeddings, shard_paths
 
 PROMPT = "Given a fruit, retrieve its passage"
 
@@ -99,10 +100,8 @@ def test_crash_then_resume_computes_only_missing_shards(tmp_path, model_dir, cor
     clean = tmp_path / "clean"
     assert encode_cli(model_dir, corpus, clean) == 0
     out = tmp_path / "emb"
-    monkeypatch.setenv(FAULT_ENV, "2")
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with faults("encode.shard:crash@2"), pytest.raises(RuntimeError, match="simulated crash"):
         encode_cli(model_dir, corpus, out)
-    monkeypatch.delenv(FAULT_ENV)
     assert list_shards(out) == [0, 1] and not (out / MANIFEST_NAME).exists()
     with pytest.raises(ValueError, match="did not finish"):
         load_embeddings(out)  # an interrupted folder never looks complete

@@ -132,6 +132,7 @@ def test_uniformity_by_hand(caplog):
     assert teacher_uniformity([[1.0]]).num_groups == 0  # a positive alone: nothing to measure
 
 
+@pytest.mark.slow  # a real asset
 def test_minilm_teacher_ranks_the_answer_first(tmp_path):
     from denselm.assets import AssetMissing, minilm_dir
 

@@ -9,20 +9,16 @@ import pytest
 import torch
 
 from denselm.cli import main as cli_main
+from denselm.embeddings import list_shards, load_embeddings, save_embedding_shard, write_embedding_manifest
+from denselm.io import read_trec_run, write_trec_run
 from denselm.search import (
     build_index,
     exact_search,
-    list_shards,
-    load_embeddings,
     load_index,
-    read_trec_run,
-    save_embedding_shard,
     save_index,
     search,
     search_index,
     topk_to_run,
-    write_embedding_manifest,
-    write_trec_run,
 )
 
 

@@ -31,7 +31,7 @@ from test_api import save_tiny  # noqa: E402
 import denselm  # noqa: E402
 from denselm.cli import main as cli_main  # noqa: E402
 from denselm.errors import ConfigError  # noqa: E402
-from denselm.search import load_embeddings  # noqa: E402
+from denselm.embeddings import load_embeddings  # noqa: E402
 from denselm.serve.app import ServerThread, create_app, make_server  # noqa: E402
 from denselm.serve.settings import ServeSettings, load_api_key, parse_model_args  # noqa: E402
 

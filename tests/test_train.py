@@ -98,7 +98,7 @@ def test_kill_and_resume_logs_identical_losses(tmp_path, model_dir, record_prope
     ref_cfg = write_config(tmp_path / "ref", model_dir, train={**steps, "output_dir": str(tmp_path / "ref_out")})
     _run_cli(["train", str(ref_cfg)])
     cfg = write_config(tmp_path / "crash", model_dir, train={**steps, "output_dir": str(tmp_path / "crash_out")})
-    killed = _run_cli(["train", str(cfg), "--train.fail_at_step", "3"], check=False)
+    killed = _run_cli(["train", str(cfg)], env_extra={"DENSELM_FAULT": "train.step:kill@3"}, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     out = tmp_path / "crash_out"
     assert not (out / "model").exists()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TEMPLATE_NAMES = ("bge-icl", "bge-icl-special", "e5-mistral", "qwen3-embedding", "none")
+from ..spec import DEFAULT_SPEC, TEMPLATE_NAMES  # noqa: F401  (TEMPLATE_NAMES: re-exported)
 MODES = ("normal", "custom")
 
 
@@ -20,9 +20,9 @@ class DataConfig:
     """JSONL files or folders of ``*.jsonl`` files (searched recursively); each file is one dataset."""
     group_size: int = 8
     """Passages per query for retrieval data: 1 positive + group_size - 1 negatives (seed: train_group_size)."""
-    query_max_len: int = 64
+    query_max_len: int = DEFAULT_SPEC.query_max_len
     """Maximum query tokens, BOS and EOS included; in-context examples count too."""
-    passage_max_len: int = 256
+    passage_max_len: int = DEFAULT_SPEC.passage_max_len
     """Maximum passage tokens, BOS and EOS included."""
     dataset_weights: dict[str, float] = field(default_factory=dict)
     """Per-dataset epoch multiplier (key: file path, file stem, or a train_data entry): 2.0 = two passes, 0.5 = a random half each epoch."""
@@ -30,11 +30,11 @@ class DataConfig:
     """Cap on examples per dataset: a random subset fixed for the whole run (seed: max_example_num_per_dataset)."""
     dataset_modes: dict[str, str] = field(default_factory=dict)
     """Per-dataset loss mode override, "normal" (in-batch negatives) or "custom" (own group only); default from `type`."""
-    prompt: str | None = None
+    prompt: str | None = DEFAULT_SPEC.prompt
     """Global instruction for queries; a line's own "prompt" field wins over it."""
-    template: str = "bge-icl"
+    template: str = DEFAULT_SPEC.template
     """Query format preset: bge-icl, bge-icl-special, e5-mistral, qwen3-embedding or none."""
-    passage_prefix: str = ""
+    passage_prefix: str = DEFAULT_SPEC.passage_prefix
     """Text put in front of every retrieval passage (e.g. "passage: "); empty in the seed."""
     icl_max_examples: int = 0
     """In-context examples per query are drawn uniformly from 0..icl_max_examples (seed: 5; 0 disables)."""

@@ -47,6 +47,7 @@ from denselm.data.sampling import (
     sample_icl,
 )
 from denselm.data.templates import check_template_tokens, get_template
+from denselm.errors import ConfigError
 
 
 @dataclass
@@ -103,13 +104,13 @@ class TrainDataset(Dataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         if not cfg.train_data:
-            raise ValueError("data.train_data is empty: give at least one JSONL file or folder")
+            raise ConfigError("data.train_data is empty: give at least one JSONL file or folder")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.world_size, self.rank = world_size, rank
         self.global_batch_size = per_device_batch_size * world_size
         symmetric_batch = cfg.symmetric_batch_size or self.global_batch_size
         if symmetric_batch % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.symmetric_batch_size={symmetric_batch} must be divisible by the world size {world_size}"
             )
         template = get_template(cfg.template)
@@ -154,7 +155,6 @@ class TrainDataset(Dataset):
                                "drawn (merge it into another file or lower the batch size)",
                                info.name, len(info.plan.indices), info.batch_size)
         self.files = [JsonlFile(info.index) for info in self.datasets]
-        self.epoch = 0
         self._plan: tuple[int, list] | None = None
 
     # --- positions ---------------------------------------------------------------------------------
@@ -165,10 +165,6 @@ class TrainDataset(Dataset):
     def position(self, batches_done: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of the next batch after ``batches_done`` batches."""
         return divmod(int(batches_done), self.steps_per_epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch used by integer keys (tuple keys carry their own)."""
-        self.epoch = int(epoch)
 
     def epoch_plan(self, epoch: int) -> list:
         """[(dataset index, (global batch,) example indices)] for every step of the epoch (cached)."""
@@ -225,7 +221,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, key) -> TrainBatch:
         if isinstance(key, tuple):
             return self.batch(*key)
-        return self.batch(self.epoch, int(key))
+        return self.batch(0, int(key))  # an integer key is a step of the first epoch
 
     # --- reporting -------------------------------------------------------------------------------------
 

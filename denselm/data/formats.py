@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Invalid training data; the message names file, line and field."""
+from denselm.errors import DataError, InputNotFound
+from denselm.io import atomic_write, iter_lines, parse_json_line
 
 
 # --- the seed's `type` table -------------------------------------------------------------------
@@ -158,16 +157,7 @@ def parse_example(raw: bytes, where: str, needs_neg: bool = True) -> Example:
     ``needs_neg``: an empty or missing `neg` is an error (only a group size of 1
     needs no negatives).
     """
-    try:
-        text = raw.rstrip(b"\r\n").decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_kind(obj)}")
+    obj = parse_json_line(raw, where)  # DataError for bad UTF-8, malformed JSON, a non-object
     query = obj.get("query")
     if query is None:
         raise DataError(f"{where}: field 'query': missing")
@@ -253,36 +243,34 @@ def index_file(
     first_line = 0
     needs_neg = True
     position = 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            start = position
-            position += len(raw)
-            if not raw.strip():
-                continue
-            where = f"{display}:{line_no}"
-            if file_type is None:  # the first line's type decides whether negatives are needed
-                ex = parse_example(raw, where, needs_neg=False)
-                file_type, first_line = ex.type, line_no
-                spec = TASK_TYPES[file_type]
-                needs_neg = task_group_size(spec, group_size, symmetric_group_size, max_class_neg) > 1
-                if needs_neg:
-                    ex = parse_example(raw, where, needs_neg=True)
-            else:
-                ex = parse_example(raw, where, needs_neg=needs_neg)
-            if ex.type != file_type:
-                raise DataError(
-                    f"{where}: field 'type': {ex.type!r} differs from {file_type!r} on line {first_line} "
-                    "(one file is one dataset with one type)"
-                )
-            if ex.prompt is None and not prompt_available:
-                raise DataError(
-                    f"{where}: field 'prompt': missing, and no global prompt is set (data.prompt)"
-                )
-            offsets.append(start)
-            num_neg.append(len(ex.neg))
-            num_with_scores += ex.has_scores
+    for line_no, start, raw in iter_lines(path, display):
+        position = start + len(raw)
+        if not raw.strip():
+            continue
+        where = f"{display}:{line_no}"
+        if file_type is None:  # the first line's type decides whether negatives are needed
+            ex = parse_example(raw, where, needs_neg=False)
+            file_type, first_line = ex.type, line_no
+            spec = TASK_TYPES[file_type]
+            needs_neg = task_group_size(spec, group_size, symmetric_group_size, max_class_neg) > 1
+            if needs_neg:
+                ex = parse_example(raw, where, needs_neg=True)
+        else:
+            ex = parse_example(raw, where, needs_neg=needs_neg)
+        if ex.type != file_type:
+            raise DataError(
+                f"{where}: field 'type': {ex.type!r} differs from {file_type!r} on line {first_line} "
+                "(one file is one dataset with one type)"
+            )
+        if ex.prompt is None and not prompt_available:
+            raise DataError(
+                f"{where}: field 'prompt': missing, and no global prompt is set (data.prompt)"
+            )
+        offsets.append(start)
+        num_neg.append(len(ex.neg))
+        num_with_scores += ex.has_scores
     if not offsets:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{display}: no examples (the file is empty)")
     return FileIndex(
         path=path,
         offsets=np.frombuffer(offsets, dtype=np.int64).copy(),
@@ -327,27 +315,41 @@ class JsonlFile:
 def decompressed_copy(path: str | os.PathLike) -> Path:
     """A plain copy of a gzipped JSONL file in ``$DENSELM_CACHE`` (default ~/.cache/denselm),
     keyed by the file's path, size and mtime; written atomically and reused."""
-    import gzip
     import hashlib
-    import shutil
-    import tempfile
+
+    from denselm.io import atomic_file, copy_decompressed
 
     src = Path(path).resolve()
     st = src.stat()
     key = hashlib.sha1(f"{src}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DENSELM_CACHE", Path.home() / ".cache" / "denselm")) / "jsonl"
-    cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"{src.name[:-3]}.{key}"
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
-        try:
-            with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target) as fout:  # a corrupt or truncated .gz: one DataError naming the user's file
+            copy_decompressed(src, fout, path)
     return target
+
+
+def read_training_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a training JSONL file (``.gz`` too), each
+    validated as an example (``needs_neg=False``); for commands that rewrite lines (mine, score)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFound(f"--input {path}: no such file")
+    out = []
+    for line_no, _offset, raw in iter_lines(path):
+        if raw.strip():
+            where = f"{path}:{line_no}"
+            parse_example(raw, where, needs_neg=False)  # DataError names file:line:field
+            out.append((line_no, parse_json_line(raw, where)))
+    if not out:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, objects) -> Path:
+    """One JSON object a line, written atomically (never a half-written output)."""
+    return atomic_write(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
 
 
 def discover_files(paths: list[str]) -> list[tuple[str, str]]:

@@ -77,14 +77,14 @@ def get_template(template: str | Template) -> Template:
     try:
         return TEMPLATES[template]
     except KeyError:
-        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}") from None
+        raise _user_error("ConfigError", f"unknown template {template!r}; known: {', '.join(TEMPLATES)}") from None
 
 
 def _head(t: Template, prompt: str | None) -> str:
     if not t.needs_prompt:
         return t.head
     if prompt is None:
-        raise ValueError(f"template {t.name!r} needs a prompt (an instruction); got None")
+        raise _user_error("UserError", f"template {t.name!r} needs a prompt (an instruction); got None")
     return t.head.replace("{prompt}", prompt)
 
 
@@ -149,7 +149,8 @@ def fit_to_length(tokenizer, bodies: Sequence[str], suffix: str, max_length: int
     """``body + suffix`` strings that tokenize to at most ``max_length`` ids with BOS and EOS.
 
     Over-long bodies are cut at token level and decoded (the seed's way), so the
-    suffix always survives.  Decoding then re-tokenizing can merge tokens across
+    suffix always survives.  Without a suffix the texts come back whole (the ids are
+    cut later, by ``tokenize_with_eos``).  Decoding then re-tokenizing can merge tokens across
     the cut differently; the loop re-checks and cuts further until it fits.
     Returns (texts, how many were cut).
     """
@@ -163,6 +164,11 @@ def fit_to_length(tokenizer, bodies: Sequence[str], suffix: str, max_length: int
     # Only whether a text exceeds `room` matters here; a cut text reports more than `room` ids.
     lengths = [len(x) for x in _ids(tokenizer, texts, room)]
     over = [i for i, n in enumerate(lengths) if n > room]
+    if not suffix:
+        # Nothing to keep after the text: ``tokenize_with_eos`` cuts the ids themselves, as it cuts
+        # passages and as sentence-transformers, TEI and vLLM truncate.  Decoding a cut and
+        # re-tokenizing it would turn a character split across byte-level tokens into U+FFFD.
+        return texts, len(over)
     if over:
         body_ids = _ids(tokenizer, [bodies[i] for i in over], room)
         for i, ids in zip(over, body_ids):
@@ -221,3 +227,12 @@ def check_template_tokens(tokenizer, template: str | Template) -> None:
                 f"template {t.name!r} needs {tok!r} as one token; call "
                 "denselm.data.templates.add_template_tokens(tokenizer, template) and resize the embeddings"
             )
+
+
+def _user_error(kind: str, message: str) -> ValueError:
+    """denselm.errors' ``kind`` when the package is loaded, else a ValueError: importing
+    ``denselm.errors`` here would import the package (and torch) when this file is used alone."""
+    import sys
+
+    errors = sys.modules.get("denselm.errors")
+    return getattr(errors, kind)(message) if errors is not None else ValueError(message)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..parallel import base_model
+from denselm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def truncate_layers(model: nn.Module, num_layers: int) -> nn.Module:
     """Keep the first ``num_layers`` blocks (and fix the config so save/load agree)."""
     layers = decoder_layers(model)
     if num_layers > len(layers):
-        raise ValueError(f"model.num_layers={num_layers} but the model has only {len(layers)} layers")
+        raise ConfigError(f"model.num_layers={num_layers} but the model has only {len(layers)} layers")
     del layers[num_layers:]
     cfg = model.config
     cfg.num_hidden_layers = num_layers
@@ -79,7 +80,7 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
     if top_layers is not None:
         n = len(decoder_layers(model))
         if not 1 <= top_layers <= n:
-            raise ValueError(f"model.lora.top_layers must be between 1 and {n}, got {top_layers}")
+            raise ConfigError(f"model.lora.top_layers must be between 1 and {n}, got {top_layers}")
         kwargs["layers_to_transform"] = list(range(n - top_layers, n))
         kwargs["layers_pattern"] = layer_attribute(model)
         if isinstance(target_modules, str) and target_modules == "all-linear":

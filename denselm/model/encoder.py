@@ -17,8 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +29,8 @@ from .. import distributed, gradcache, losses
 from ..parallel import base_model as _base_model_of
 from ..parallel import unwrap
 from ..data.tokenize import special_tokens
+from ..spec import MANIFEST_NAME, PLAIN, POSITION_POLICIES, BaseModelNotFound, EmbeddingSpec, looks_like_hub_id
+from ..spec import manifest_dict, read_manifest, resolve_base_model
 from . import speedups
 from .speedups import packing as packing_lib
 from .speedups.pooled_only import last_mlp_only_at, pooled_positions
@@ -39,9 +39,7 @@ from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "denselm.json"
 ADDED_EMBEDDINGS_NAME = "added_embeddings.safetensors"
-POSITION_POLICIES = ("end_aligned", "from_zero")
 
 
 @dataclass
@@ -98,6 +96,11 @@ class BiEncoderModel(nn.Module):
     one), ``tokenizer``, ``normalized`` (seed spelling ``normlized`` accepted),
     ``negatives_cross_device``, ``temperature``, ``sub_batch_size``.
 
+    spec: the ``denselm.spec.EmbeddingSpec`` (text format, pooling, normalisation, positions,
+      packing...), saved by ``save``.  Without it the seed's arguments give a ``PLAIN`` spec; the
+      keyword arguments below that belong to the spec (normalized, pooling, position_ids, packing)
+      override its fields when given.
+
     Beyond the seed (defaults reproduce it):
       pooling: "last" | "mean" | "first".
       teacher_temperature: teacher scores are divided by it before their softmax.
@@ -112,7 +115,8 @@ class BiEncoderModel(nn.Module):
       packing: padding-free encoding (see ``denselm.model.speedups.packing``): each batch (or
         sub-batch / gradient-cache chunk) is packed into rows of at most
         ``packing_max_tokens`` real tokens; implies ``position_ids="from_zero"``.
-      manifest: extra inference settings saved by ``save`` (templates, max lengths...).
+      manifest: a dict of spec fields (template, max lengths...; the pre-spec way, still accepted);
+        other keys are kept and saved as they are.
       loss_options: ``losses.LossOptions`` (margin masks, extra InfoNCE terms, hardness
         weighting); None = the seed's loss.
     """
@@ -127,7 +131,8 @@ class BiEncoderModel(nn.Module):
         sub_batch_size: int = -1,
         *,
         normlized: bool | None = None,
-        pooling: str = "last",
+        spec: EmbeddingSpec | None = None,
+        pooling: str | None = None,
         teacher_temperature: float = 1.0,
         distill_weight: float = 1.0,
         distill_loss: str = "soft_ce",
@@ -135,8 +140,8 @@ class BiEncoderModel(nn.Module):
         grad_cache: bool = False,
         grad_cache_chunk_size: int | None = None,
         grad_cache_max_tokens: int | None = None,
-        position_ids: str = "end_aligned",
-        packing: bool = False,
+        position_ids: str | None = None,
+        packing: bool | None = None,
         packing_max_tokens: int | None = packing_lib.DEFAULT_MAX_TOKENS,
         manifest: dict | None = None,
         loss_options: losses.LossOptions | None = None,
@@ -146,11 +151,26 @@ class BiEncoderModel(nn.Module):
             raise ValueError("BiEncoderModel needs `model` (a transformers decoder or a peft model)")
         if normalized is not None and normlized is not None and bool(normalized) != bool(normlized):
             raise ValueError(f"normalized={normalized} and normlized={normlized} disagree; pass one of them")
-        normalized = bool(normalized if normalized is not None else (normlized or False))
-        if pooling not in POOLING_METHODS:
+        if normalized is None:
+            normalized = normlized
+        if normalized is None and spec is None:
+            normalized = False  # the seed's default
+        if pooling is not None and pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}")
-        if position_ids not in POSITION_POLICIES:
+        if position_ids is not None and position_ids not in POSITION_POLICIES:
             raise ValueError(f"position_ids must be one of {POSITION_POLICIES}, got {position_ids!r}")
+        base = spec if spec is not None else PLAIN
+        manifest = dict(manifest or {})
+        base = EmbeddingSpec.from_dict(manifest, fallback=base)
+        changes = {k: v for k, v in (("normalized", None if normalized is None else bool(normalized)),
+                                     ("pooling", pooling), ("position_ids", position_ids),
+                                     ("packing", None if packing is None else bool(packing))) if v is not None}
+        if changes.get("packing") and changes.get("position_ids", base.position_ids) != "from_zero":
+            # Packed rows restart positions at 0 per sequence; record that policy so the
+            # padded path (and the manifest, hence inference) uses the same positions.
+            logger.info("packing=True: position_ids policy %r -> 'from_zero'", changes.get("position_ids", base.position_ids))
+        spec = base.replace(**changes)
+        normalized = spec.normalized
         if distill_loss not in ("soft_ce", "kl"):
             raise ValueError(f"distill_loss must be 'soft_ce' or 'kl', got {distill_loss!r}")
         if temperature <= 0 or teacher_temperature <= 0:
@@ -162,7 +182,7 @@ class BiEncoderModel(nn.Module):
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.normalized = normalized
+        self.spec = spec
         self.negatives_cross_device = negatives_cross_device
         if not normalized and temperature != 1.0:
             # The seed silently does this; users rely on it, so keep it but say so.
@@ -173,7 +193,6 @@ class BiEncoderModel(nn.Module):
             temperature = 1.0
         self.temperature = float(temperature)
         self.sub_batch_size = int(sub_batch_size)
-        self.pooling = pooling
         self.teacher_temperature = float(teacher_temperature)
         self.distill_weight = float(distill_weight)
         self.distill_loss = distill_loss
@@ -185,17 +204,11 @@ class BiEncoderModel(nn.Module):
         self.grad_cache_max_tokens = grad_cache_max_tokens
         if grad_cache and grad_cache_chunk_size is None and grad_cache_max_tokens is None:
             self.grad_cache_chunk_size = sub_batch_size if sub_batch_size > 0 else 8
-        if packing and position_ids != "from_zero":
-            # Packed rows restart positions at 0 per sequence; record that policy so the
-            # padded path (and the manifest, hence inference) uses the same positions.
-            logger.info("packing=True: position_ids policy %r -> 'from_zero'", position_ids)
-            position_ids = "from_zero"
-        self.position_policy = position_ids
-        self.packing = bool(packing)
         self.packing_max_tokens = packing_max_tokens
         if self.packing:
             packing_lib.enable(model)
-        self.manifest = dict(manifest or {})
+        # Keys of a legacy ``manifest`` dict that are not spec fields: kept and saved as they were.
+        self.extra_manifest = {k: v for k, v in manifest.items() if k not in EmbeddingSpec.__dataclass_fields__}
         self._warned_custom_teacher = False
         self.prefix_cache = None
 
@@ -214,6 +227,53 @@ class BiEncoderModel(nn.Module):
     @property
     def normlized(self) -> bool:
         return self.normalized
+
+    # Spec fields under their historical attribute names (read by train, inference, export, serving).
+    @property
+    def normalized(self) -> bool:
+        return self.spec.normalized
+
+    @property
+    def pooling(self) -> str:
+        return self.spec.pooling
+
+    @property
+    def packing(self) -> bool:
+        return self.spec.packing
+
+    @property
+    def position_policy(self) -> str:
+        return self.spec.position_ids
+
+    @position_policy.setter
+    def position_policy(self, value: str) -> None:
+        self.spec = self.spec.replace(position_ids=value)
+
+    @property
+    def manifest(self) -> dict:
+        """The text-format part of the spec as a dict (template, prompt, max lengths, ...), plus extra keys."""
+        head = ("normalized", "pooling", "position_ids", "packing")
+        return {**{k: v for k, v in self.spec.to_dict().items() if k not in head}, **self.extra_manifest}
+
+    def loss_settings(self) -> dict:
+        """The training-only constructor arguments (everything that is not the spec, model or tokenizer)."""
+        return {
+            "negatives_cross_device": self.negatives_cross_device, "temperature": self.temperature,
+            "sub_batch_size": self.sub_batch_size, "teacher_temperature": self.teacher_temperature,
+            "distill_weight": self.distill_weight, "distill_loss": self.distill_loss,
+            "distill_in_custom_mode": self.distill_in_custom_mode, "grad_cache": self.grad_cache,
+            "grad_cache_chunk_size": self.grad_cache_chunk_size, "grad_cache_max_tokens": self.grad_cache_max_tokens,
+            "packing_max_tokens": self.packing_max_tokens, "loss_options": self.loss_options,
+        }
+
+    def with_backbone(self, backbone: nn.Module, **changes) -> "BiEncoderModel":
+        """The same spec and settings around another backbone module (e.g. DDP's ``.module``);
+        ``changes`` override loss settings (a one-rank view passes negatives_cross_device=False)."""
+        kwargs = {**self.loss_settings(), **changes}
+        view = type(self)(model=backbone, tokenizer=self.tokenizer, spec=self.spec,
+                          manifest=self.extra_manifest, **kwargs)
+        view.prefix_cache = self.prefix_cache  # the same frozen layers: its texts are cached too
+        return view
 
     # ------------------------------------------------------------------ encoding
     def _backbone(self) -> nn.Module:
@@ -548,31 +608,28 @@ class BiEncoderModel(nn.Module):
             inner.enable_input_require_grads()
 
     # ------------------------------------------------------------ save / load
-    def settings(self) -> dict:
-        """The manifest: everything inference needs to embed text the way training did."""
+    def settings(self, model_folder: str | os.PathLike = ".") -> dict:
+        """The ``denselm.json`` content: the spec (base model recorded for ``model_folder``, see
+        ``denselm.spec.record_base_model``) and what inference tools may read beside it."""
         specials = special_tokens(self.tokenizer) if self.tokenizer is not None else None
         base = unwrap(self.model)
-        is_peft = hasattr(base, "peft_config")
-        manifest = {
-            "format": "denselm",
-            "version": 1,
-            "pooling": self.pooling,
-            "normalized": self.normalized,
-            "temperature": self.temperature,
-            "position_ids": self.position_policy,
-            "packing": self.packing,
+        spec = self.spec
+        if spec.base_model is None:
+            spec = spec.replace(base_model=_base_model_path(base))
+        record = {
+            "adapter": hasattr(base, "peft_config"),
+            "architecture": type(_base_model_of(base)).__name__,
+            "temperature": self.temperature,  # training-only: recorded for reference
             "eos_policy": {
                 "append_eos": True,
                 "eos_token_id": specials.eos_id if specials else None,
                 "prefix_token_ids": list(specials.prefix) if specials else [],
                 "pad_token_id": specials.pad_id if specials else None,
             },
-            "adapter": is_peft,
-            "base_model": _base_model_path(base),
-            "architecture": type(_base_model_of(base)).__name__,
         }
-        manifest.update(self.manifest)
-        return manifest
+        # Other keys (written by other tools, or a legacy manifest's) are kept; ours win.
+        kept = {k: v for k, v in self.extra_manifest.items() if k not in ("format", "version")}
+        return manifest_dict(spec, model_folder, **{**kept, **record})
 
     def save(self, output_dir: str | os.PathLike, *, merge_lora: bool = False, state_dict: dict | None = None) -> Path:
         """Weights (safetensors) + tokenizer + ``denselm.json``, written atomically.
@@ -580,12 +637,12 @@ class BiEncoderModel(nn.Module):
         A LoRA model saves its adapter (and the base model's path in the manifest)
         unless ``merge_lora``.  ``state_dict``: pre-gathered full weights (FSDP).
         """
+        from denselm.io import atomic_folder
+
         output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-        try:
+        with atomic_folder(output_dir, point="model") as tmp:  # the old folder stays until the new one is whole
             base = unwrap(self.model)
-            manifest = self.settings()
+            manifest = self.settings(output_dir)
             if merge_lora and hasattr(base, "merge_and_unload"):
                 import copy
 
@@ -597,7 +654,7 @@ class BiEncoderModel(nn.Module):
                 base.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
             else:
                 base.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-            added = self.manifest.get("added_tokens") or []
+            added = list(self.spec.added_tokens)
             if added and self.tokenizer is not None and manifest["adapter"]:
                 # New token rows (e.g. <instruct>) are trained but live in the frozen base
                 # embedding: store just those rows, as safetensors (never pickled modules).
@@ -609,18 +666,6 @@ class BiEncoderModel(nn.Module):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            if output_dir.exists():
-                old = output_dir.with_name(output_dir.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(output_dir, old)
-                os.replace(tmp, output_dir)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return output_dir
 
     @classmethod
@@ -633,31 +678,41 @@ class BiEncoderModel(nn.Module):
         device: str | torch.device | None = None,
         **overrides,
     ) -> "BiEncoderModel":
-        """Load a folder written by ``save`` (adapter or full weights) for encoding."""
+        """Load a folder written by ``save`` (adapter or full weights, any ``denselm.json`` version) for encoding.
+
+        ``base_model``: the base of a LoRA adapter (a folder or hub id), instead of the one recorded
+        (``denselm.spec.resolve_base_model``); a missing base raises ``BaseModelNotFound`` naming
+        ``--base-model`` and the recorded value.  ``overrides``: constructor arguments (e.g. ``normalized``).
+        """
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path)
-        manifest_file = path / MANIFEST_NAME
-        if not manifest_file.exists():
-            raise FileNotFoundError(f"{manifest_file} not found: not a denselm model folder")
-        manifest = json.loads(manifest_file.read_text())
+        manifest = read_manifest(path)
+        # A relative base path is relative to this folder: hold it resolved, so saving elsewhere re-records it.
+        spec = manifest.spec.replace(base_model=resolve_base_model(manifest.spec.base_model, path))
         tokenizer = AutoTokenizer.from_pretrained(path)
         dtype_kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        if manifest.get("adapter"):
+        if manifest.adapter:
             from peft import PeftModel
 
-            base_path = base_model or manifest.get("base_model")
-            if not base_path or not Path(base_path).exists():
-                raise FileNotFoundError(
-                    f"{path} holds a LoRA adapter whose base model {base_path!r} is not on disk; "
-                    "pass base_model=... (or export a merged model)"
-                )
-            backbone = AutoModel.from_pretrained(base_path, **dtype_kw)
-            if manifest.get("num_layers"):
+            if base_model is not None and not Path(base_model).expanduser().exists() and not looks_like_hub_id(str(base_model)):
+                raise BaseModelNotFound(path, manifest.spec.base_model, given=str(base_model))
+            base_path = str(Path(base_model).expanduser()) if base_model is not None else resolve_base_model(spec.base_model, path)
+            if not base_path or not (Path(base_path).exists() or looks_like_hub_id(base_path)):
+                raise BaseModelNotFound(path, manifest.spec.base_model)
+            spec = spec.replace(base_model=base_path)
+            try:
+                backbone = AutoModel.from_pretrained(base_path, **dtype_kw)
+            except OSError:
+                if Path(base_path).exists():
+                    raise
+                raise BaseModelNotFound(path, manifest.spec.base_model,
+                                        given=str(base_model) if base_model else None) from None
+            if spec.num_layers:
                 # Trained on the first N layers: the adapter only fits that truncated model.
                 from .backbone import truncate_layers
 
-                truncate_layers(backbone, int(manifest["num_layers"]))
+                truncate_layers(backbone, int(spec.num_layers))
             if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
                 backbone.resize_token_embeddings(len(tokenizer))
             added_file = path / ADDED_EMBEDDINGS_NAME
@@ -674,11 +729,9 @@ class BiEncoderModel(nn.Module):
             backbone = AutoModel.from_pretrained(path, **dtype_kw)
         if device is not None:
             backbone = backbone.to(device)
-        known = {"normalized", "temperature", "pooling", "position_ids", "packing"}
-        kwargs = {k: manifest[k] for k in known if k in manifest}
+        kwargs = {"temperature": manifest.temperature} if manifest.temperature is not None else {}
         kwargs.update(overrides)
-        extra = {k: v for k, v in manifest.items() if k not in known}
-        model = cls(model=backbone, tokenizer=tokenizer, manifest=extra, **kwargs)
+        model = cls(model=backbone, tokenizer=tokenizer, spec=spec, manifest=manifest.extra, **kwargs)
         model.eval()
         return model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-POOLING_METHODS = ("last", "mean", "first")
+from ..spec import POOLINGS as POOLING_METHODS  # the one list of pooling kinds
 
 
 def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
