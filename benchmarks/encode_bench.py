@@ -16,9 +16,9 @@ Variants (one backbone per dtype, shared):
                   the batch maximum, hidden state at position -1
   seed-sorted     the same batches after sorting the texts by length (what a careful user does)
   denselm         ``inference.Encoder`` with its defaults for this device and dtype
-                  (``inference.encode_defaults``)
-  denselm-padded  Encoder, padded batches (packing off)
-  denselm-packed  Encoder, packed rows (packing on)
+                  (``inference.encode_defaults``: on CPU packed rows of 1-2k tokens)
+  denselm-padded  Encoder, length-sorted padded batches (packing off; <= 64 rows, 16k tokens)
+  denselm-packed  Encoder, packed rows of the model's default 4096 tokens
 
 Repetitions alternate the variants (one round = each variant once, same order), so
 load from other processes hits all of them alike; ratios are taken within each round
@@ -97,18 +97,17 @@ def build_backbone(folder, dtype: torch.dtype):
 
 def make_runners(backbone, tokenizer, ids, batch: int) -> dict:
     from denselm import BiEncoderModel
-    from denselm.inference import Encoder, encode_defaults
+    from denselm.inference import Encoder
 
     device = torch.device("cpu")
-    dtype = next(backbone.parameters()).dtype
-    defaults = encode_defaults(device, dtype)
-
-    def encoder(packing: bool, **kw) -> Encoder:
-        model = BiEncoderModel(model=backbone, tokenizer=tokenizer, normalized=True, packing=packing).eval()
-        return Encoder(model, tokenizer, **kw)
-
-    default = encoder(defaults["packing"])  # Encoder's own batch_size / max_tokens defaults
-    padded, packed = encoder(False), encoder(True)
+    # As ``denselm.load_encoder`` builds it for a plain folder: packing off in the model,
+    # the Encoder's defaults decide (``inference.encode_defaults``).
+    model = BiEncoderModel(model=backbone, tokenizer=tokenizer, normalized=True).eval()
+    default = Encoder(model, tokenizer)
+    padded, packed = Encoder(model, tokenizer, packing=False), Encoder(model, tokenizer, packing=True)
+    packing, row_tokens = default.packing_settings()
+    defaults = {"packing": packing, "packing_max_tokens": row_tokens, "batch_size": default.batch_size,
+                "max_tokens": default.max_tokens}
     return {
         "seed-unsorted": lambda: bl.seed_encode(backbone, ids, batch, device),
         "seed-sorted": lambda: bl.seed_encode(backbone, ids, batch, device, sort=True),

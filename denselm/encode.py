@@ -280,8 +280,9 @@ def add_encoder_arguments(parser) -> None:
                         help="template preset for a plain transformers folder without denselm.json")
     parser.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the manifest's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="model weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model weights' dtype (default: bfloat16 on GPU, float32 on CPU); auto: bfloat16 "
+                             "also on CPUs with bf16 matrix units (AMX/AVX512-BF16)")
     parser.add_argument("--batch-size", type=int, default=64, help="most texts per forward pass (default 64)")
     parser.add_argument("--max-tokens", type=int, default=16384,
                         help="most padded tokens per forward pass; batches are sorted by length (default 16384)")

@@ -56,17 +56,71 @@ def document_text(doc: Document) -> str:
     raise TypeError(f"a corpus entry must be a str or a dict with 'text' (and 'title'), got {type(doc).__name__}")
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """``dtype="auto"``: bf16 on GPU and on CPUs with bf16 matrix units, else float32.
+
+    On this project's CPU (AMX-BF16) bf16 encoding of SmolLM2-135M ran about 3x faster than
+    float32 (one thread, CPU time: seed-sorted batches 1,300-1,690 vs 440 real tok/s); bf16
+    embeddings are within cosine 0.9989 of fp32 (benchmarks/RESULTS.md).  Not the CLI's
+    default: the retrieval-quality check (pyfaq nDCG@10 within 0.005 of fp32) is still open."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.device(device).type == "cpu" and cpu_has_bf16_matmul() else torch.float32
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def encode_defaults(device: torch.device | str, dtype: torch.dtype) -> dict:
-    """Encoding defaults for a device and weight dtype: packing on or off, rows and tokens per batch.
+def encode_defaults(device: torch.device | str, dtype: torch.dtype, config=None) -> dict:
+    """Encoding defaults for a device, weight dtype and backbone config.
 
-    Chosen from measurements (benchmarks/encode_bench.py, benchmarks/RESULTS.md "Encoding on
-    the real model").
+    Measured on SmolLM2-135M, 2 CPU threads, bf16 and fp32 (benchmarks/encode_bench.py;
+    tables in benchmarks/RESULTS.md, "Encoding on the real model"):
+    - CPU: packing on.  Packed rows hold no padding and attend per sequence with SDPA's
+      causal fast path (no mask); padded batches pay for their pads and for a masked SDPA.
+    - CPU: rows of ``cpu_row_tokens`` tokens (2048 for SmolLM2 in bf16, 1024 in fp32), not
+      the GPU's 4096.  What decides it is the size of the biggest activation, (T,
+      intermediate_size): above ~24 MiB every fresh tensor is a new mmap whose pages the
+      kernel faults in and zeroes, and element-wise ops ran 2.5-3.5x slower per element
+      (silu * up: bf16 1.0-1.2 ns/element up to 12 MiB, 3.1 ns at 24 MiB; fp32 1.2 -> 4.3 ns),
+      and bf16 matmul output at 16k tokens fell from 1,340 to 570 GFLOP/s.  With bf16
+      matrix units (AMX) the matmuls are so fast that these element-wise passes decide the speed.
+    - GPU: unchanged (padded, length-sorted, 64 rows / 16k tokens; packing where the config says).
+    ``batch_size`` / ``max_tokens`` bound the length-sorted batches before packing.
     """
-    return {"packing": False, "batch_size": 64, "max_tokens": 16384}
+    on_cpu = torch.device(device).type == "cpu"
+    out = {"packing": on_cpu, "batch_size": 64, "max_tokens": 16384, "packing_max_tokens": 4096}
+    if on_cpu:
+        out["packing_max_tokens"] = cpu_row_tokens(config, dtype)
+    return out
+
+
+CPU_ROW_BYTES = 8 << 20
+"""Bytes of the widest (T, intermediate_size) activation of one packed row on CPU (see encode_defaults)."""
+
+
+def cpu_row_tokens(config, dtype: torch.dtype) -> int:
+    """Tokens per packed row on CPU: the widest activation within CPU_ROW_BYTES, a power of two in [512, 4096]."""
+    width = max(getattr(config, "intermediate_size", 0) or 0, getattr(config, "hidden_size", 0) or 0) or 2048
+    fit = CPU_ROW_BYTES // (width * torch.tensor([], dtype=dtype).element_size())
+    tokens = 512
+    while tokens * 2 <= min(fit, 4096):
+        tokens *= 2
+    return tokens
 
 
 class Encoder:
@@ -91,6 +145,8 @@ class Encoder:
         passage_prefix: str | None = None,
         batch_size: int = 64,
         max_tokens: int | None = 16384,
+        packing: bool | None = None,
+        packing_max_tokens: int | None = None,
         padding_side: str = "right",
         output_dtype: str = "float32",
         show_progress: bool = False,
@@ -106,6 +162,10 @@ class Encoder:
         self.spec: EmbeddingSpec = spec.replace(**{k: v for k, v in overrides.items() if v is not None})
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.packing = packing
+        """None: ``encode_defaults`` for the model's device and dtype (packed on CPU when exact:
+        RoPE or from_zero positions, no frozen-layer cache); True/False force it."""
+        self.packing_max_tokens = packing_max_tokens
         self.padding_side = padding_side
         if output_dtype not in ("float32", "float16"):
             raise ValueError(f"output_dtype must be float32 or float16, got {output_dtype!r}")
@@ -174,9 +234,49 @@ class Encoder:
         feats = pad_batch(list(rows), special_tokens(self.tokenizer).pad_id, self.padding_side)  # (B, T)
         device = self.device
         feats = {k: v.to(device, non_blocking=True) for k, v in feats.items()}
-        with _autocast(device, next(self.model.parameters()).dtype):
+        with _autocast(device, next(self.model.parameters()).dtype), self._packing_scope():
             reps = self.model.encode(feats)  # (B, D)
         return reps.float().cpu()
+
+    def packing_settings(self) -> tuple[bool, int | None]:
+        """(packed?, tokens per packed row) this encoder uses for its model, device and dtype."""
+        model = self.model
+        config = getattr(model._backbone(), "config", None)
+        defaults = encode_defaults(self.device, next(model.parameters()).dtype, config)
+        if self.packing is not None:
+            packing = self.packing
+        elif model.packing:
+            packing = True  # the model was trained (and saved) packed
+        else:
+            # Packed positions restart at 0 per sequence: the same numbers as the padded
+            # path for the from_zero policy, and for any policy under rotary embeddings.
+            rotary = config is not None and (getattr(config, "rope_parameters", None) is not None
+                                             or getattr(config, "rope_theta", None) is not None)
+            exact = model.position_policy == "from_zero" or rotary
+            packing = defaults["packing"] and exact and model.prefix_cache is None
+        tokens = self.packing_max_tokens or (defaults["packing_max_tokens"] if self.packing is None else None)
+        return packing, tokens or model.packing_max_tokens
+
+    def _packing_scope(self):
+        """The model's ``packing`` / ``packing_max_tokens`` set to ``packing_settings`` for one call."""
+        import contextlib
+
+        from .model.speedups import packing as packing_lib
+        from .model.speedups.common import swapped
+
+        packing, tokens = self.packing_settings()
+        if packing == self.model.packing and tokens == self.model.packing_max_tokens:
+            return contextlib.nullcontext()
+        if packing:
+            packing_lib.enable(self.model._backbone())
+        stack = contextlib.ExitStack()
+        spec = self.model.spec
+        if packing != spec.packing:
+            # Packed rows restart positions at 0: only chosen where that gives the same numbers.
+            spec = spec.replace(packing=packing, position_ids="from_zero") if packing else spec.replace(packing=False)
+        stack.enter_context(swapped(self.model, "spec", spec))
+        stack.enter_context(swapped(self.model, "packing_max_tokens", tokens))
+        return stack
 
     @torch.no_grad()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, desc: str = "encode",
@@ -359,8 +459,8 @@ def load_encoder(
 ) -> Encoder:
     """A denselm output folder, or a plain transformers embedder with ``preset`` (see PRESETS).
 
-    ``dtype``: the weights' dtype ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" or a
-    torch dtype; default bfloat16 on GPU, float32 on CPU).  ``encoder_kwargs`` go to ``Encoder``
+    ``dtype``: the weights' dtype ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16", a
+    torch dtype, or "auto": ``auto_dtype``; default (None) bfloat16 on GPU, float32 on CPU).  ``encoder_kwargs`` go to ``Encoder``
     (``prompt=`` replaces the saved instruction for every call, ``batch_size``, ``max_tokens``...).
     """
     path = Path(path)
@@ -369,10 +469,12 @@ def load_encoder(
     device = str(device or default_device())
     if dtype is None or isinstance(dtype, torch.dtype):
         torch_dtype = dtype
+    elif dtype == "auto":
+        torch_dtype = auto_dtype(device)
     elif dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     else:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
+        raise UserError(f"dtype must be auto or one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
     if torch_dtype is None and device.startswith("cuda"):
         torch_dtype = torch.bfloat16
     if (path / MANIFEST_NAME).exists():

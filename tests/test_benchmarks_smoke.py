@@ -79,7 +79,7 @@ def test_encode_bench_quick():
         assert rec["min_cosine_vs_first"] >= (0.9999 if dtype == "float32" else 0.998), (dtype, variant)
         if variant != "seed-unsorted":
             assert rec["vs_seed-unsorted"]["median"] > 0
-    assert set(by[("float32", "denselm")]["defaults"]) == {"packing", "batch_size", "max_tokens"}
+    assert set(by[("float32", "denselm")]["defaults"]) == {"packing", "packing_max_tokens", "batch_size", "max_tokens"}
 
 
 @pytest.mark.timeout(900)

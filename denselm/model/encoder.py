@@ -34,6 +34,7 @@ from ..spec import manifest_dict, read_manifest, resolve_base_model
 from . import speedups
 from .speedups import packing as packing_lib
 from .speedups.pooled_only import last_mlp_only_at, pooled_positions
+from .speedups.fused_norm import fused_norms
 from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,10 @@ class BiEncoderModel(nn.Module):
 
     def _pooled(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) pooled hidden states, packed or padded."""
+        with fused_norms(self._backbone()):  # no_grad only: one fused pass per RMSNorm
+            return self._pooled_unfused(features)
+
+    def _pooled_unfused(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if self.packing:
             # Real tokens only, positions from 0 per sequence (features' position_ids unused).
