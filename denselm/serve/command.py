@@ -112,7 +112,9 @@ def passive_omp_argv(environ=None) -> list[str] | None:
     and tokenizer threads share the cores), so on a CPU with no spare core the spinning threads take
     the core the worker needs: measured on 2 busy cores (SmolLM2 16 layers, one 275-token text per
     request, 2 threads) 3.45 s per request, 0.34 s with the passive policy, same as a plain
-    sentence-transformers server (0.33 s).  libgomp reads the variable once, when torch loads it,
+    sentence-transformers server (0.33 s).  The price on cores the server has to itself: at load 2 the
+    same request took 0.18-0.23 s spinning and 0.33-0.43 s passive, so a server on dedicated cores
+    can run with ``OMP_WAIT_POLICY=ACTIVE`` (kept as set, see below).  libgomp reads the variable once, when torch loads it,
     which has happened by the time a subcommand runs: setting it now needs a fresh process.  A value
     the user set (any) is kept; a process that is not the ``denselm serve`` command itself (a test or
     notebook calling the CLI's main) is never replaced."""
