@@ -6,6 +6,9 @@
 One process holds one copy of each model and one worker thread per model.  More copies mean more
 processes (one per core group or GPU) behind a load balancer: each costs a full copy of the
 weights in memory and its own batch queue, and batches do not form across processes.
+
+The command re-runs itself once with ``OMP_WAIT_POLICY=PASSIVE`` unless that variable is set
+(see ``passive_omp_argv``): on dedicated cores ``OMP_WAIT_POLICY=ACTIVE denselm serve ...`` is faster.
 """
 
 from __future__ import annotations
