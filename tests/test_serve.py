@@ -406,3 +406,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(subprocess_server, enc):
     assert "position_ids=end_aligned" in out and KEY not in out
     with pytest.raises(httpx.TransportError):  # nothing listens any more
         httpx.get(f"{base}/health", timeout=1)
+
+
+def test_serve_reruns_itself_with_passive_openmp_threads(monkeypatch):
+    """`denselm serve` re-executes once with OMP_WAIT_POLICY=PASSIVE (spinning intra-op threads made
+    each request ~10x slower on busy cores); a value the user set, or a process that is not the CLI, is left alone."""
+    from denselm.serve.command import passive_omp_argv
+
+    cli = ["/venv/bin/python", "-m", "denselm.cli", "serve", "--model", "m"]
+    monkeypatch.setattr(sys, "argv", ["/x/denselm/cli.py", "serve", "--model", "m"])
+    monkeypatch.setattr(sys, "orig_argv", cli)
+    assert passive_omp_argv({}) == [sys.executable, "-m", "denselm.cli", "serve", "--model", "m"]
+    assert passive_omp_argv({"OMP_WAIT_POLICY": "ACTIVE"}) is None
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/pytest", "tests"])
+    assert passive_omp_argv({}) is None

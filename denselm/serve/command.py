@@ -6,9 +6,15 @@
 One process holds one copy of each model and one worker thread per model.  More copies mean more
 processes (one per core group or GPU) behind a load balancer: each costs a full copy of the
 weights in memory and its own batch queue, and batches do not form across processes.
+
+The command re-runs itself once with ``OMP_WAIT_POLICY=PASSIVE`` unless that variable is set
+(see ``passive_omp_argv``): on dedicated cores ``OMP_WAIT_POLICY=ACTIVE denselm serve ...`` is faster.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 from ..errors import ConfigError, EnvironmentProblem, require
 
@@ -98,5 +104,39 @@ def serve(settings) -> int:
     return 0
 
 
+OMP_WAIT_ENV = "OMP_WAIT_POLICY"
+
+
+def passive_omp_argv(environ=None) -> list[str] | None:
+    """The command line to re-run this process with ``OMP_WAIT_POLICY=PASSIVE``; None when it is already set.
+
+    Why: OpenMP's default (active) policy keeps the model worker's idle intra-op threads spinning
+    between parallel regions.  The server's worker runs Python between torch ops (and the event loop
+    and tokenizer threads share the cores), so on a CPU with no spare core the spinning threads take
+    the core the worker needs: measured on 2 busy cores (SmolLM2 16 layers, one 275-token text per
+    request, 2 threads) 3.45 s per request, 0.34 s with the passive policy, same as a plain
+    sentence-transformers server (0.33 s).  The price on cores the server has to itself: at load 2 the
+    same request took 0.18-0.23 s spinning and 0.33-0.43 s passive, so a server on dedicated cores
+    can run with ``OMP_WAIT_POLICY=ACTIVE`` (kept as set, see below).  libgomp reads the variable once, when torch loads it,
+    which has happened by the time a subcommand runs: setting it now needs a fresh process.  A value
+    the user set (any) is kept; a process that is not the ``denselm serve`` command itself (a test or
+    notebook calling the CLI's main) is never replaced."""
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    if environ.get(OMP_WAIT_ENV):
+        return None
+    if Path(sys.argv[0]).name not in ("denselm", "cli.py", "__main__.py") or "serve" not in sys.argv[1:]:
+        return None
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
 def run(args) -> int:
-    return serve(settings_from_args(args))
+    settings = settings_from_args(args)  # bad flags fail here, before any re-run
+    argv = passive_omp_argv()
+    if argv is not None:
+        os.environ[OMP_WAIT_ENV] = "PASSIVE"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)  # does not return
+    return serve(settings)
