@@ -1,8 +1,7 @@
 """Reference systems for the demo table: BM25 (bm25s) and a sentence-transformers encoder.
 
-    from denselm.baselines import bm25_run, st_run, score_run
+    from denselm.baselines import bm25_run, st_run
     run = bm25_run(corpus_ids, corpus_texts, query_ids, query_texts, k=100)
-    score_run(qrels, run)   # {"nDCG@10": ..., "RR@10": ..., "R@1": ..., "R@10": ...}
 
 Both return a run as ``{query_id: {doc_id: score}}`` (what ir_measures and
 pytrec_eval read), holding each query's top ``k`` documents.
@@ -22,7 +21,6 @@ from denselm.errors import InputNotFound
 logger = logging.getLogger(__name__)
 
 Run = dict[str, dict[str, float]]
-MEASURES = ("nDCG@10", "RR@10", "R@1", "R@10")
 
 
 def english_stemmer():
@@ -139,14 +137,3 @@ def st_run(
     docs = st_encode(model, corpus_texts, batch_size)
     queries = st_encode(model, query_texts, batch_size, prompt=query_prompt)
     return top_k_run(queries @ docs.T, corpus_ids, query_ids, k)
-
-
-def score_run(qrels: dict[str, dict[str, int]], run: Run, measures: Sequence[str] = MEASURES) -> dict[str, float]:
-    """Mean of each measure over the queries in ``qrels`` (a query missing from the run scores 0)."""
-    import ir_measures
-
-    parsed = [ir_measures.parse_measure(m) for m in measures]
-    # ir_measures averages over the queries present in the run; give absent ones an empty ranking.
-    run = {qid: run.get(qid) or {"__none__": 0.0} for qid in qrels}
-    agg = ir_measures.calc_aggregate(parsed, qrels, run)
-    return {name: float(agg[m]) for name, m in zip(measures, parsed)}

@@ -372,8 +372,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "false_negatives_masked": fn_count,
                   "same_document_masked": batch.num_same_document,
                   "epoch": round(step / dataset.steps_per_epoch, 4),
-                  "truncated_queries": batch.num_truncated_queries, "truncated_passages": batch.num_truncated_passages,
-                  "icl_examples": batch.num_icl_examples, **parts}
+                  **{f"batch/{k}": v for k, v in batch.stats().items()}, **parts}
         if model.prefix_cache is not None:
             record.update(model.prefix_cache.stats())
         if eval_data is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):

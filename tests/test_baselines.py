@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("bm25s")
 
-from denselm.baselines import bm25_run, score_run, st_run, top_k_run  # noqa: E402
+from denselm.baselines import bm25_run, st_run, top_k_run  # noqa: E402
 
 CORPUS_IDS = ["d1", "d2", "d3", "d4"]
 CORPUS = [
@@ -46,20 +46,6 @@ def test_bm25_stopwords_k_and_stemmer():
     assert list(run["lock"]) == ["d4"]
     with pytest.raises(ValueError, match="same lengths"):
         bm25_run(CORPUS_IDS, CORPUS[:2], ["q"], ["x"])
-
-
-def test_score_run_by_hand():
-    qrels = {"q1": {"a": 1}, "q2": {"b": 1}, "q3": {"c": 1}}
-    run = {
-        "q1": {"a": 3.0, "x": 2.0},  # relevant at rank 1
-        "q2": {"x": 3.0, "y": 2.0, "b": 1.0},  # relevant at rank 3
-        # q3 missing from the run: scores 0
-    }
-    m = score_run(qrels, run)
-    assert m["RR@10"] == pytest.approx((1 + 1 / 3 + 0) / 3)
-    assert m["R@1"] == pytest.approx(1 / 3)
-    assert m["R@10"] == pytest.approx(2 / 3)
-    assert m["nDCG@10"] == pytest.approx((1 + 1 / math.log2(4) + 0) / 3)
 
 
 def test_top_k_run():
