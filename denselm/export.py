@@ -34,13 +34,14 @@ normalises).  No custom code is loaded (no ``trust_remote_code``); it needs sent
   checks.  Padding side: left for the default ``end_aligned`` positions, right for ``from_zero``.
 
 Exactness: token for token equal to denselm for every template (``none``, ``e5-mistral``,
-``qwen3-embedding``, ``bge-icl``, ``bge-icl-special``) for every passage, for every query of a
-suffix-free template (cut or not: both cut the ids, ``templates.fit_to_length``), and for every
-query within the query limit.  One residue: a bge-icl query cut at the limit.  denselm decodes the kept tokens and
-re-tokenizes them with the suffix (``templates.fit_to_length``); sentence-transformers writes the
-suffix's own ids over the last kept tokens.  Where the cut falls inside a BPE merge (a ``?`` or a
-space that would merge with ``"\n"``, a word split mid-piece) one or two ids next to the suffix
-differ.  Suffix-free templates have no such residue.  In-context examples are not exported.
+``qwen3-embedding``, ``bge-icl``, ``bge-icl-special``), every passage and every query, cut or not:
+a query of a suffix template that reaches its limit keeps its first ids and then the suffix's own
+ids (``query_cut: token``, ``templates.fit_query_ids``), which is what sentence-transformers'
+``restore_suffix`` writes.  One residue, for models trained with ``query_cut: retokenize`` (the
+seed's way, and every model saved before denselm.json version 3): denselm decodes the kept tokens
+and re-tokenizes them with the suffix, so where the cut falls inside a BPE merge (a ``?`` or a
+space that would merge with ``"\n"``) one or two ids next to the suffix differ from the export's;
+the export says so in its README and log.  In-context examples are not exported.
 """
 
 from __future__ import annotations
@@ -332,6 +333,7 @@ def model_card(model, fmt: str, *, source: Path | None = None, dtype: str = "fp3
         f"| query suffix (after the text, never truncated) | {json.dumps(suffix) if suffix else '(none)'} |",
         f"| passage format | `{json.dumps(doc_prefix + '{text}', ensure_ascii=False)}` + EOS |",
         f"| max lengths (tokens, BOS/EOS included) | queries {spec.query_max_len}, passages {spec.passage_max_len} |",
+        *([f"| a query over its max length | {QUERY_CUT_NOTES[spec.query_cut]} |"] if suffix else []),
         f"| EOS | appended after cutting the text to max_len - 1 (`{model.tokenizer.eos_token}`, id {model.tokenizer.eos_token_id}) |",
         f"| pooling | {pooling} |",
         f"| normalised | {'yes (L2); similarity = cosine = dot product' if spec.normalized else 'no; similarity = dot product'} |",
@@ -393,6 +395,7 @@ def transformers_snippet(model, instruction: str | None = None) -> str:
     spec = model.spec
     prompt = instruction if instruction is not None else spec.prompt
     t_head, doc_prefix, suffix = st_prompts(spec.template, prompt, spec.passage_prefix)
+    ids_code = IDS_RETOKENIZE if spec.query_cut == "retokenize" else IDS_TOKEN
     return f"""import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
@@ -405,21 +408,7 @@ QUERY_HEAD, QUERY_SUFFIX, PASSAGE_PREFIX = {json.dumps(t_head, ensure_ascii=Fals
 QUERY_MAX_LEN, PASSAGE_MAX_LEN = {spec.query_max_len}, {spec.passage_max_len}
 
 
-def ids(text, max_len, suffix=""):
-    \"\"\"BOS + text cut to max_len - 1 tokens + EOS; a suffix is kept whole, tokenized with the text.\"\"\"
-    room = max_len - 1 - len(BOS)
-    body = tok(text + suffix, add_special_tokens=False)["input_ids"]
-    if suffix and len(body) > room:  # cut the text, decode it, re-tokenize it with the suffix
-        cut = tok(text, add_special_tokens=False)["input_ids"]
-        keep = room - len(tok(suffix, add_special_tokens=False)["input_ids"])
-        while True:
-            body = tok(tok.decode(cut[:keep], clean_up_tokenization_spaces=False) + suffix,
-                       add_special_tokens=False)["input_ids"]
-            if len(body) <= room or keep == 0:
-                break
-            keep = max(0, keep - (len(body) - room))
-    return BOS + body[:room] + [EOS]
-
+{ids_code}
 
 @torch.no_grad()
 def embed(rows):
@@ -436,6 +425,44 @@ passages = [ids(PASSAGE_PREFIX + p, PASSAGE_MAX_LEN) for p in ["Use sorted(d.ite
 q, d = embed(queries), embed(passages)
 scores = q @ d.T
 """
+
+
+IDS_TOKEN = '''def suffix_ids(suffix):
+    """The suffix's ids after some text: the common tail of two renders (as sentence-transformers finds it)."""
+    a, b = (tok(QUERY_HEAD + filler + suffix, add_special_tokens=False)["input_ids"] for filler in ("0", "1 2 3 4"))
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def ids(text, max_len, suffix=""):
+    """BOS + text cut to max_len - 1 tokens + EOS; a cut text keeps the suffix's ids after it."""
+    room = max_len - 1 - len(BOS)
+    body = tok(text + suffix, add_special_tokens=False)["input_ids"]
+    if suffix and len(body) >= room:  # cut the ids, then write the suffix's own ids
+        tail = suffix_ids(suffix)
+        body = body[: room - len(tail)] + tail
+    return BOS + body[:room] + [EOS]
+'''
+"""Token ids as denselm builds them for ``query_cut: token`` (the default)."""
+
+IDS_RETOKENIZE = '''def ids(text, max_len, suffix=""):
+    """BOS + text cut to max_len - 1 tokens + EOS; a suffix is kept whole, tokenized with the text."""
+    room = max_len - 1 - len(BOS)
+    body = tok(text + suffix, add_special_tokens=False)["input_ids"]
+    if suffix and len(body) > room:  # cut the text, decode it, re-tokenize it with the suffix
+        cut = tok(text, add_special_tokens=False)["input_ids"]
+        keep = room - len(tok(suffix, add_special_tokens=False)["input_ids"])
+        while True:
+            body = tok(tok.decode(cut[:keep], clean_up_tokenization_spaces=False) + suffix,
+                       add_special_tokens=False)["input_ids"]
+            if len(body) <= room or keep == 0:
+                break
+            keep = max(0, keep - (len(body) - room))
+    return BOS + body[:room] + [EOS]
+'''
+"""Token ids as denselm builds them for ``query_cut: retokenize`` (the seed's way; models saved before it)."""
 
 
 def _prefix_ids(tokenizer) -> tuple[int, ...]:
@@ -526,7 +553,7 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
         extra = ""
         if fmt == "sentence-transformers":
             write_st_files(stage, model, instruction)
-            extra = ST_USAGE.format(min_version=ST_MIN_VERSION)
+            extra = ST_USAGE.format(min_version=ST_MIN_VERSION, cut_note=st_cut_note(model.spec))
         else:  # the merged tokenizer appends EOS too, so serving stacks that call it plainly pool EOS
             write_eos_tokenizer(stage, model.tokenizer, "right" if model.spec.position_ids == "from_zero" else "left")
             check_eos_tokenizer(stage, model.tokenizer)
@@ -552,6 +579,30 @@ def export(model, output: str | os.PathLike, fmt: str, *, instruction: str | Non
     return output
 
 
+QUERY_CUT_NOTES = {
+    "token": "its first ids are kept, then the suffix's own ids (`query_cut: token`: what sentence-transformers' "
+             "restore_suffix writes)",
+    "retokenize": "its first ids are kept, decoded and tokenized again with the suffix (`query_cut: retokenize`, "
+                  "the seed's way)",
+}
+
+
+def st_cut_note(spec) -> str:
+    """What the ST export's README says about queries cut at their limit (and logs when not exact)."""
+    from .data.templates import get_template
+
+    if not get_template(spec.template).suffix:
+        return "Queries and documents cut at their max length: token for token as denselm cuts them."
+    if spec.query_cut == "token":
+        return ("A query cut at its max length keeps the template's suffix: sentence-transformers writes "
+                "the suffix's ids after the kept tokens, as this model was trained (`query_cut: token`).")
+    note = ("This model was trained with `query_cut: retokenize` (the seed's way): a query cut at its max "
+            "length can differ from denselm in one or two tokens next to the suffix (sentence-transformers "
+            "writes the suffix's own ids; denselm re-tokenizes the cut text). Queries within the limit are exact.")
+    logger.warning("export: %s", note.replace("`", ""))
+    return note
+
+
 ST_USAGE = """### sentence-transformers (>= {min_version})
 
 ```python
@@ -565,9 +616,8 @@ scores = st.similarity(q, d)
 No arguments beyond the texts: the folder's chat template formats each route (`encode_query` /
 `encode_document` pass `task`), each route has its own max length (`query_length`,
 `document_length`), EOS is appended after truncation. `st.encode_query(texts, prompt="...")` replaces
-the instruction. `mteb` 2.x calls `encode_query`/`encode_document` through this model unchanged. A
-query cut at its max length by a template with a suffix (bge-icl) can differ from denselm in one or
-two tokens next to the suffix (sentence-transformers writes the suffix's own ids; denselm re-tokenizes).
+the instruction. `mteb` 2.x calls `encode_query`/`encode_document` through this model unchanged.
+{cut_note}
 
 """
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, InputNotFound, UserError
-from .data.templates import ICLExample, fit_queries, format_passage
+from .data.templates import ICLExample, fit_query_ids, format_passage
 from .data.tokenize import pad_batch, special_tokens, tokenize_with_eos
 from .model.encoder import BiEncoderModel
 from .spec import MANIFEST_NAME, PLAIN, PRESETS, EmbeddingSpec
@@ -201,8 +201,9 @@ class Encoder:
         if self.template in ("bge-icl", "bge-icl-special", "e5-mistral", "qwen3-embedding") and prompt is None:
             raise UserError(f"template {self.template!r} needs an instruction: pass instruction=... or save one in the manifest")
         ex = [tuple(examples or ())] * len(texts)
-        formatted, _ = fit_queries(self.tokenizer, self.template, [prompt] * len(texts), list(texts), self.query_max_len, ex)
-        return tokenize_with_eos(self.tokenizer, formatted, self.query_max_len)
+        ids, _ = fit_query_ids(self.tokenizer, self.template, [prompt] * len(texts), list(texts), self.query_max_len,
+                               ex, cut=self.spec.query_cut)
+        return ids
 
     def passage_ids(self, texts: Sequence[str]) -> list[list[int]]:
         formatted = [format_passage(self.template, t, self.passage_prefix) for t in texts]

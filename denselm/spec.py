@@ -11,10 +11,11 @@ one function (``spec_from_config``), taken whole by ``BiEncoderModel``, ``infere
 evaluation and export, and written to ``denselm.json`` next to the weights.  Its field defaults
 are THE defaults: the config dataclasses read theirs from ``DEFAULT_SPEC``.
 
-``denselm.json`` (version 2) is flat: ``format``, ``version``, every spec field, and what ``save``
+``denselm.json`` (version 3) is flat: ``format``, ``version``, every spec field, and what ``save``
 records beside it: ``adapter`` (weights are a LoRA adapter), ``architecture``, ``eos_policy``
 (derived from the tokenizer, for other tools) and ``temperature``, a training-only setting kept
-for reference (it never changes a vector).  Version 1 (no ``version``, or ``version: 1``) is the
+for reference (it never changes a vector).  Version 2 had no ``query_cut``: such files load with
+``retokenize``, the way they were trained.  Version 1 (no ``version``, or ``version: 1``) is the
 format before this module; it still loads, keys it lacks mean the ``plain`` preset's values (what
 ``inference.Encoder`` assumed then).  A newer version is refused naming both versions.
 
@@ -38,11 +39,12 @@ from typing import Any
 from .errors import EnvironmentProblem, UserError
 
 MANIFEST_NAME = "denselm.json"
-SPEC_VERSION = 2
-"""Format version written to ``denselm.json``; 1 = the format before the typed spec."""
+SPEC_VERSION = 3
+"""Format version written to ``denselm.json``; 1 = the format before the typed spec, 2 = before ``query_cut``."""
 TEMPLATE_NAMES = ("bge-icl", "bge-icl-special", "e5-mistral", "qwen3-embedding", "none")
 POOLINGS = ("last", "mean", "first")
 POSITION_POLICIES = ("end_aligned", "from_zero")
+QUERY_CUTS = ("token", "retokenize")
 RECORD_KEYS = ("format", "version", "adapter", "architecture", "eos_policy", "temperature")
 """Keys ``save`` writes beside the spec fields (derived or training-only)."""
 
@@ -67,6 +69,11 @@ class EmbeddingSpec:
     """Maximum query tokens, BOS and EOS included."""
     passage_max_len: int = 256
     """Maximum passage tokens, BOS and EOS included."""
+    query_cut: str = "token"
+    """How a query too long for a template with a suffix (bge-icl) is cut: ``token`` keeps the first
+    tokens and writes the suffix's ids after them (what sentence-transformers' ``restore_suffix``
+    does, so exports reproduce it); ``retokenize`` decodes the kept tokens and tokenizes them again
+    with the suffix (the seed's way; models saved before version 3)."""
     pooling: str = "last"
     """last (the EOS we append), mean or first."""
     normalized: bool = True
@@ -82,6 +89,8 @@ class EmbeddingSpec:
             raise UserError(f"template must be one of {', '.join(TEMPLATE_NAMES)}; got {self.template!r}")
         if self.pooling not in POOLINGS:
             raise UserError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.query_cut not in QUERY_CUTS:
+            raise UserError(f"query_cut must be one of {QUERY_CUTS}, got {self.query_cut!r}")
         if self.position_ids not in POSITION_POLICIES:
             raise UserError(f"position_ids must be one of {POSITION_POLICIES}, got {self.position_ids!r}")
         for name in ("query_max_len", "passage_max_len"):
@@ -154,6 +163,7 @@ def spec_from_config(cfg, added_tokens=()) -> EmbeddingSpec:
         passage_prefix=cfg.data.passage_prefix,
         query_max_len=cfg.data.query_max_len,
         passage_max_len=cfg.data.passage_max_len,
+        query_cut=cfg.data.query_cut,
         pooling=cfg.model.pooling,
         normalized=cfg.model.normalized,
         position_ids=cfg.model.position_ids,
@@ -249,8 +259,10 @@ def parse_manifest(values: dict, source: str = MANIFEST_NAME) -> Manifest:
             f"{source} has format version {version}, but this denselm reads versions up to {SPEC_VERSION}: "
             "the model was saved by a newer denselm; upgrade denselm (pip install -U denselm)"
         )
+    # Versions 1 and 2 cut long suffix-template queries the seed's way (``query_cut`` came in 3).
+    fallback = PLAIN if version >= 3 else PLAIN.replace(query_cut="retokenize")
     try:
-        spec = EmbeddingSpec.from_dict(values, fallback=PLAIN)
+        spec = EmbeddingSpec.from_dict(values, fallback=fallback)
     except (UserError, TypeError) as err:
         raise UserError(f"{source}: {err}") from None
     names = {f.name for f in dataclasses.fields(EmbeddingSpec)}

@@ -78,7 +78,7 @@ def test_legacy_folder_loads_and_encodes_to_the_same_vectors(tmp_path):
     q, p = enc.encode_queries(texts["queries"]), enc.encode_corpus(texts["passages"])
     np.testing.assert_allclose(q, np.load(LEGACY / "queries.npy"), atol=1e-6, rtol=0)
     np.testing.assert_allclose(p, np.load(LEGACY / "passages.npy"), atol=1e-6, rtol=0)
-    # Saved again it is version 2 and still the same vectors.
+    # Saved again it is the current version (query_cut recorded) and still the same vectors.
     out = enc.model.save(tmp_path / "v2")
     assert read_manifest(out).version == SPEC_VERSION
     again = load_encoder(out, device="cpu", show_progress=False)
@@ -87,10 +87,18 @@ def test_legacy_folder_loads_and_encodes_to_the_same_vectors(tmp_path):
 
 
 def test_legacy_keys_it_lacks_mean_the_plain_preset():
+    # Versions before 3 cut long suffix-template queries the seed's way: they load with that cut.
+    legacy = PLAIN.replace(query_cut="retokenize")
     m = parse_manifest({"format": "denselm", "version": 1, "pooling": "last", "normalized": True})
-    assert m.spec == PLAIN
+    assert m.spec == legacy
     m = parse_manifest({"pooling": "mean", "normalized": False, "query_max_len": 64})  # no version at all
-    assert m.version == 1 and m.spec == PLAIN.replace(pooling="mean", normalized=False, query_max_len=64)
+    assert m.version == 1 and m.spec == legacy.replace(pooling="mean", normalized=False, query_max_len=64)
+    m = parse_manifest({"format": "denselm", "version": 2, "template": "bge-icl", "prompt": "p"})
+    assert m.spec.query_cut == "retokenize"
+    m = parse_manifest({"format": "denselm", "version": 3, "template": "bge-icl", "prompt": "p"})
+    assert m.spec.query_cut == "token" == PLAIN.query_cut
+    with pytest.raises(UserError, match="query_cut"):
+        parse_manifest({"format": "denselm", "version": 3, "query_cut": "chars"})
 
 
 def test_spec_from_config(tmp_path):

@@ -25,7 +25,7 @@ from denselm.data.formats import TaskSpec
 from denselm.data.sampling import false_negative_mask, rank_slice
 from denselm.data.templates import (
     ICLExample,
-    fit_queries,
+    fit_query_ids,
     format_example,
     format_passage,
     format_query,
@@ -229,20 +229,19 @@ def collate_groups(
 
     # queries: [examples] + instruction + query (cut at token level) + suffix, then BOS/EOS
     examples = _icl_examples(tokenizer, cfg, groups, local, prompts) if cfg.icl_max_examples > 0 else None
-    q_texts, q_cut = fit_queries(
+    q_ids, q_cut = fit_query_ids(
         tokenizer, cfg.template, [prompts[i] for i in local], [groups[i].query for i in local],
-        cfg.query_max_len, examples,
+        cfg.query_max_len, examples, cut=cfg.query_cut,
     )
     pad_id = special_tokens(tokenizer).pad_id
-    q_ids = tokenize_with_eos(tokenizer, q_texts, cfg.query_max_len)
     query = pad_batch(q_ids, pad_id, cfg.padding_side, cfg.pad_to_multiple_of)
 
     # passages: the text (with prefix), or formatted like queries for symmetric tasks
     local_passages = [p for i in local for p in groups[i].passages]
     if spec.passages_like_queries:
         p_prompts = [prompts[i] for i in local for _ in groups[i].passages]
-        p_texts, p_cut = fit_queries(tokenizer, cfg.template, p_prompts, local_passages, cfg.passage_max_len)
-        p_ids = tokenize_with_eos(tokenizer, p_texts, cfg.passage_max_len)
+        p_ids, p_cut = fit_query_ids(tokenizer, cfg.template, p_prompts, local_passages, cfg.passage_max_len,
+                                     cut=cfg.query_cut)
     else:
         p_texts = [format_passage(cfg.template, p, cfg.passage_prefix) for p in local_passages]
         p_ids, p_cut = tokenize_with_eos(tokenizer, p_texts, cfg.passage_max_len, return_truncated=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..spec import DEFAULT_SPEC, TEMPLATE_NAMES  # noqa: F401  (TEMPLATE_NAMES: re-exported)
+from ..spec import DEFAULT_SPEC, QUERY_CUTS, TEMPLATE_NAMES  # noqa: F401  (TEMPLATE_NAMES: re-exported)
 MODES = ("normal", "custom")
 
 
@@ -24,6 +24,10 @@ class DataConfig:
     """Maximum query tokens, BOS and EOS included; in-context examples count too."""
     passage_max_len: int = DEFAULT_SPEC.passage_max_len
     """Maximum passage tokens, BOS and EOS included."""
+    query_cut: str = DEFAULT_SPEC.query_cut
+    """Cutting a too-long query of a suffix template: "token" (cut the ids, then the suffix's ids:
+    what sentence-transformers reproduces) or "retokenize" (decode the cut, tokenize it with the
+    suffix again: the seed's way)."""
     dataset_weights: dict[str, float] = field(default_factory=dict)
     """Per-dataset epoch multiplier (key: file path, file stem, or a train_data entry): 2.0 = two passes, 0.5 = a random half each epoch."""
     max_examples_per_dataset: int | None = None
@@ -85,6 +89,8 @@ class DataConfig:
             _check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1)
         if self.query_max_len < 4 or self.passage_max_len < 4:
             raise ValueError("data.query_max_len and data.passage_max_len must be at least 4 (BOS, text, suffix, EOS)")
+        if self.query_cut not in QUERY_CUTS:
+            raise ValueError(f"data.query_cut must be one of {', '.join(QUERY_CUTS)}; got {self.query_cut!r}")
         if self.template not in TEMPLATE_NAMES:
             raise ValueError(f"data.template must be one of {', '.join(TEMPLATE_NAMES)}; got {self.template!r}")
         if self.padding_side not in ("left", "right"):

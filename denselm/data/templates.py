@@ -7,8 +7,11 @@ A query is ``{examples}{head}{query}{suffix}``; with the plain "bge-icl" preset:
 
 Each in-context example is ``{head}{q}{example_sep}{response}\\n\\n``.  The EOS
 (and BOS where the tokenizer adds one) comes later from
-``denselm.data.tokenize.tokenize_with_eos``.  ``fit_queries`` cuts the query text
-at token level (then decodes it) so that the suffix always survives truncation;
+``denselm.data.tokenize.tokenize_with_eos``.  ``fit_query_ids`` cuts a too-long query so that
+the suffix always survives truncation: by default (``query_cut: token``) its ids are cut and the
+suffix's ids follow, as sentence-transformers restores a chat template's tail, so exports
+reproduce it; ``fit_queries`` (``query_cut: retokenize``) is the seed's way: cut the ids, decode
+them, tokenize them again with the suffix;
 like every tokenization of user text it tokenizes only a bounded prefix of a
 long text (``denselm.data.tokenize.bounded_ids``), never the whole of it.
 
@@ -181,6 +184,83 @@ def fit_to_length(tokenizer, bodies: Sequence[str], suffix: str, max_length: int
                 keep = max(0, keep - excess)
             texts[i] = text
     return texts, len(over)
+
+
+_SUFFIX_FILLERS = ("0", "1 2 3 4")
+"""Two contents that tokenize differently: what sentence-transformers renders to find a template's tail."""
+
+
+def suffix_ids(tokenizer, head: str, suffix: str) -> list[int]:
+    """The ids written after a cut query: the suffix as tokenized after some text.
+
+    Derived as sentence-transformers derives a chat template's tail (``restore_suffix``): ``head +
+    filler + suffix`` is tokenized for two fillers and the longest common token tail is the suffix,
+    so that an exported model writes the very same ids.  Cached on the tokenizer per (head, suffix).
+    """
+    if not suffix:
+        return []
+    cache = getattr(tokenizer, "_denselm_suffix_ids", None)
+    if cache is None:
+        cache = {}
+        try:
+            tokenizer._denselm_suffix_ids = cache
+        except Exception:  # pragma: no cover - tokenizer objects without __dict__
+            pass
+    key = (head, suffix)
+    if key not in cache:
+        first, second = (tokenizer(head + filler + suffix, add_special_tokens=False)["input_ids"]
+                         for filler in _SUFFIX_FILLERS)
+        count = 0
+        for a, b in zip(reversed(first), reversed(second)):
+            if a != b:
+                break
+            count += 1
+        cache[key] = list(first[len(first) - count:])
+    return list(cache[key])
+
+
+def fit_query_ids(
+    tokenizer,
+    template: str | Template,
+    prompts: Sequence[str | None],
+    queries: Sequence[str],
+    max_length: int,
+    examples: Sequence[Sequence[ICLExample | tuple]] | None = None,
+    cut: str = "token",
+) -> tuple[list[list[int]], int]:
+    """Token ids (BOS + examples + head + query + suffix + EOS, at most ``max_length``) and how many were cut.
+
+    ``cut="token"``: a body that reaches the limit keeps its first ids and the suffix's ids
+    (``suffix_ids``) are written after them, exactly what sentence-transformers does to a chat
+    template's tail on truncation, so the exported model reproduces these ids.  ``cut="retokenize"``:
+    the seed's way (``fit_queries``: decode the cut, tokenize it again with the suffix).  Without
+    a suffix both cut the ids at the end.
+    """
+    from denselm.data.tokenize import special_tokens, tokenize_with_eos  # torch import deferred
+
+    t = get_template(template)
+    if cut == "retokenize" or not t.suffix:
+        texts, n_cut = fit_queries(tokenizer, t, prompts, queries, max_length, examples)
+        return tokenize_with_eos(tokenizer, texts, max_length), n_cut
+    if cut != "token":
+        raise ValueError(f"cut must be 'token' or 'retokenize', got {cut!r}")
+    specials = special_tokens(tokenizer)
+    room = max_length - 1 - len(specials.prefix)
+    examples = examples if examples is not None else [()] * len(queries)
+    bodies = [split_query(t, p, q, ex)[0] for p, q, ex in zip(prompts, queries, examples, strict=True)]
+    tails = [suffix_ids(tokenizer, _head(t, p), t.suffix) for p in prompts]
+    ids = _ids(tokenizer, [b + t.suffix for b in bodies], room)
+    out, n_cut = [], 0
+    for body, tail in zip(ids, tails):
+        if len(tail) >= room:
+            raise ValueError(f"max_length={max_length} leaves no room for text before the suffix {t.suffix!r}")
+        n_cut += len(body) > room
+        if len(body) >= room:
+            # A body that reaches the limit (cut, or exactly filling it) ends in the suffix's own
+            # ids, as sentence-transformers' restore_suffix writes them over the last tokens.
+            body = body[: room - len(tail)] + tail
+        out.append([*specials.prefix, *body, specials.eos_id])
+    return out, n_cut
 
 
 def fit_queries(
