@@ -59,8 +59,10 @@ class EmbeddingSpec:
     """Only the first N transformer layers (None = all)."""
     added_tokens: tuple[str, ...] = ()
     """Tokens added to the tokenizer for the template (their embedding rows are trained)."""
-    template: str = "bge-icl"
-    """Query format preset: bge-icl, bge-icl-special, e5-mistral, qwen3-embedding or none."""
+    template: str = "e5-mistral"
+    """Query format preset: bge-icl, bge-icl-special, e5-mistral, qwen3-embedding or none.  The default
+    (``Instruct: {prompt}\nQuery: {text}``) has no suffix, so every stack that knows prefix prompts only
+    (TEI, vLLM, LangChain) reproduces it; it cost nothing against bge-icl on the demo recipe (README)."""
     prompt: str | None = None
     """The query instruction used when a caller gives none."""
     passage_prefix: str = ""
@@ -78,8 +80,9 @@ class EmbeddingSpec:
     """last (the EOS we append), mean or first."""
     normalized: bool = True
     """L2-normalise embeddings."""
-    position_ids: str = "end_aligned"
-    """end_aligned (the seed's numbers, any padding side) or from_zero."""
+    position_ids: str = "from_zero"
+    """from_zero (positions start at 0 per text: batch-independent; the default, it cost nothing on the
+    demo recipe) or end_aligned (the seed's numbers, any padding side)."""
     packing: bool = False
     """Padding-free encoding (exact; implies from_zero positions)."""
 
@@ -136,8 +139,9 @@ DEFAULT_SPEC = EmbeddingSpec()
 """The defaults, read by ``config.ModelConfig`` and ``data.config.DataConfig``."""
 
 _WEB_SEARCH = "Given a web search query, retrieve relevant passages that answer the query"
-PLAIN = EmbeddingSpec(template="none", query_max_len=512, passage_max_len=512)
-"""A model with no recorded text format: plain text, 512 tokens (also what version-1 files lacked)."""
+PLAIN = EmbeddingSpec(template="none", query_max_len=512, passage_max_len=512, position_ids="end_aligned")
+"""A model with no recorded text format: plain text, 512 tokens, the positions transformers gives a
+left-padded batch (also what version-1 files lacked, and what the seed's ``BiEncoderModel`` arguments give)."""
 PRESETS: dict[str, EmbeddingSpec] = {
     "bge-en-icl": PLAIN.replace(template="bge-icl", prompt=_WEB_SEARCH + "."),
     "e5-mistral": PLAIN.replace(template="e5-mistral", prompt=_WEB_SEARCH),

@@ -82,6 +82,20 @@ def test_encode_bench_quick():
     assert set(by[("float32", "denselm")]["defaults"]) == {"packing", "packing_max_tokens", "batch_size", "max_tokens"}
 
 
+@pytest.mark.timeout(300)
+def test_train_bench_quick():
+    lines = run_script("train_bench.py", "--quick", "--reps", "2")
+    by = {(r["recipe"], r["variant"]): r for r in lines}
+    assert set(by) == {(r, v) for r in ("fp32", "demo") for v in ("seed", "denselm")}
+    for (recipe, variant), rec in by.items():
+        assert rec["threads"] == 2 and rec["model"] == "tiny random" and rec["real_tokens_per_step"] > 0
+        lo, hi = rec["tokens_per_s_range"]
+        assert lo <= rec["tokens_per_s"] <= hi and rec["vs_seed_range"][0] <= rec["vs_seed_median"]
+        # same weights, same batch: denselm's loss is the seed's (bf16 weights round differently per layout)
+        assert rec["max_loss_diff_vs_seed"] <= (1e-4 if recipe == "fp32" else 5e-2), (recipe, variant)
+    assert by[("fp32", "seed")]["vs_seed_median"] == 1.0
+
+
 @pytest.mark.timeout(900)
 def test_serve_bench_tiny(tmp_path):
     """`denselm serve` and the plain sentence-transformers server against one tiny export, both lengths.

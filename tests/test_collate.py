@@ -21,7 +21,7 @@ def tok():
 
 
 def _cfg(**kw) -> DataConfig:
-    base = dict(train_data=["unused.jsonl"], prompt="Given a query", group_size=2, num_workers=0)
+    base = dict(train_data=["unused.jsonl"], prompt="Given a query", group_size=2, num_workers=0, template="bge-icl")
     base.update(kw)
     return DataConfig(**base)
 
@@ -126,7 +126,7 @@ def test_icl_examples_appear_within_the_budget(tok):
 def test_icl_in_a_dataset_never_shows_the_query_its_own_pair(tok, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", numbered_rows("d", 12, num_neg=1))
     cfg = DataConfig(train_data=[str(tmp_path)], prompt="t", group_size=2, num_workers=0, icl_max_examples=3,
-                     query_max_len=200, icl_token_budget=150)
+                     query_max_len=200, icl_token_budget=150, template="bge-icl")
     ds = TrainDataset(cfg, tok, per_device_batch_size=6)
     total = 0
     for epoch in range(3):
@@ -142,7 +142,7 @@ def test_icl_in_a_dataset_never_shows_the_query_its_own_pair(tok, tmp_path):
 
 def _one_batch(tok, tmp_path, rows, **kw):
     write_jsonl(tmp_path / "t.jsonl", rows)
-    cfg = DataConfig(train_data=[str(tmp_path / "t.jsonl")], prompt="Task", num_workers=0, group_size=4, **kw)
+    cfg = DataConfig(**{"template": "bge-icl", **kw}, train_data=[str(tmp_path / "t.jsonl")], prompt="Task", num_workers=0, group_size=4)
     ds = TrainDataset(cfg, tok, per_device_batch_size=2)
     return ds, ds[(0, 0)]
 

@@ -165,7 +165,7 @@ def test_dataset_reports_bad_line_and_unknown_setting_keys(tmp_path):
     ({"dataset_modes": {"a": "inbatch"}}, "data.dataset_modes['a'] must be 'normal' or 'custom', got 'inbatch'"),
     ({"icl_max_examples": 2, "template": "e5-mistral"},
      "data.icl_max_examples > 0 needs template bge-icl or bge-icl-special, got 'e5-mistral'"),
-    ({"icl_max_examples": 2, "icl_token_budget": 64, "query_max_len": 64},
+    ({"icl_max_examples": 2, "icl_token_budget": 64, "query_max_len": 64, "template": "bge-icl"},
      "data.icl_token_budget must be between 1 and data.query_max_len - 1 (63), got 64"),
     ({"max_examples_per_dataset": 0}, "data.max_examples_per_dataset must be an integer >= 1, got 0"),
     ({"seed": -1}, "data.seed must be an integer >= 0, got -1"),

@@ -144,7 +144,7 @@ def two_datasets(tmp_path):
 
 
 def _cfg(path, **kw) -> DataConfig:
-    base = dict(train_data=[str(path)], prompt="Given a query", group_size=4, num_workers=0, seed=11)
+    base = dict(train_data=[str(path)], prompt="Given a query", group_size=4, num_workers=0, seed=11, template="bge-icl")
     base.update(kw)
     return DataConfig(**base)
 

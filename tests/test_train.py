@@ -192,7 +192,7 @@ def test_frozen_layer_cache_gives_the_same_training(tmp_path, model_dir64, recor
     [
         (["--train.lrr", "1"], "unknown config key 'train.lrr'"),
         (["--train.cache_frozen_layers", "true"], "train.cache_frozen_layers needs model.lora.top_layers"),
-        (["--train.cache_frozen_layers", "true", "--model.lora.top_layers", "1"],
+        (["--train.cache_frozen_layers", "true", "--model.lora.top_layers", "1", "--model.position_ids", "end_aligned"],
          "train.cache_frozen_layers needs model.position_ids: from_zero"),
         (["--train.lr", "abc"], "train.lr must be a number"),
         (["--train.warmup_fraction", "2"], "train.warmup_fraction must be between 0 and 1"),

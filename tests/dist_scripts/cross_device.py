@@ -87,6 +87,9 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
+    # rank 0 computes the single-process references alone: rank 1 must not tear gloo down meanwhile
+    # (seen under load: SIGABRT in rank 1, as in cross_device_options.py)
+    dist.barrier()
     dist.destroy_process_group()
 
 
