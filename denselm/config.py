@@ -237,6 +237,10 @@ class TrainConfig:
     """Passes over the data (ignored when max_steps is set)."""
     max_steps: int | None = None
     """Optimizer steps to run."""
+    max_minutes: float | None = None
+    """Wall-clock budget of the training loop (this process's, from its first step): once a step ends past
+    it, training stops there as if that were the last step (final evaluation, checkpoint and model saved).
+    The learning-rate schedule stays the one of max_steps/epochs.  None = no limit."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping (None = off)."""
     precision: str = "fp32"
@@ -282,6 +286,9 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last must be >= 1, got {self.keep_last}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
+                                                 and not isinstance(self.max_minutes, bool) and self.max_minutes > 0):
+            raise ConfigError(f"train.max_minutes must be a number > 0 or null, got {self.max_minutes!r}")
 
 
 @dataclass
@@ -327,7 +334,7 @@ class Config:
 # ----------------------------------------------------------------- resume
 RESUMABLE_KEYS: frozenset[str] = frozenset({
     # how long: the schedule is rebuilt from the new total (max_steps, else epochs)
-    "train.max_steps", "train.epochs",
+    "train.max_steps", "train.epochs", "train.max_minutes",
     # where and how often things are written
     "train.output_dir", "train.log_every", "train.save_every", "train.keep_last", "train.tensorboard",
     "train.merge_lora",

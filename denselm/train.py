@@ -364,6 +364,14 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if cfg.train.max_minutes is not None and step < total_steps:
+            # Ranks' clocks differ: stop where any rank is over budget, all at the same step.
+            over = float(time.perf_counter() - started >= 60.0 * cfg.train.max_minutes)
+            if float(distributed.all_reduce_mean(torch.tensor(over, dtype=torch.float64))) > 0:
+                if strategy.is_main:
+                    logger.info("train.max_minutes=%g reached after step %d of %d: stopping here (final evaluation "
+                                "and model follow)", cfg.train.max_minutes, step, total_steps)
+                total_steps = step  # this step is the last: the bookkeeping below evaluates and saves
 
         # ---- bookkeeping: logs, evaluation, checkpoints
         tokens_seen += real_tokens * world

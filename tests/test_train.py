@@ -271,6 +271,26 @@ def test_evaluation_during_training_keeps_best(tmp_path, model_dir):
     assert f"step-{state['best']['step']:07d}" in kept and "step-0000004" in kept and len(kept) <= 2
 
 
+def test_wall_clock_limit_stops_training_and_still_evaluates(tmp_path, model_dir, caplog):
+    """train.max_minutes: a step that ends past the budget is the last one (evaluated, checkpointed, saved)."""
+    import logging
+
+    beir = _fruit_beir(tmp_path / "beir")
+    cfg = write_config(tmp_path, model_dir, eval={"data": str(beir), "every": 0, "metric": "mrr@10"},
+                       train={"max_minutes": 1e-6})
+    with caplog.at_level(logging.INFO, logger="denselm"):
+        assert cli_main(["train", str(cfg)]) == 0
+    log = read_log(tmp_path / "out")
+    assert sorted(log) == [1] and "eval/mrr@10" in log[1]  # stopped after step 1 of 4, evaluated there
+    assert (tmp_path / "out" / "model" / "denselm.json").exists()
+    assert (tmp_path / "out" / "checkpoints" / "step-0000001").is_dir()
+    assert "train.max_minutes=1e-06 reached after step 1 of 4" in caplog.text
+    # a generous budget changes nothing; a bad one is a one-line config error naming the key
+    cfg = write_config(tmp_path / "b", model_dir, train={"max_minutes": 60, "output_dir": str(tmp_path / "b" / "out")})
+    assert cli_main(["train", str(cfg)]) == 0 and sorted(read_log(tmp_path / "b" / "out")) == [1, 2, 3, 4]
+    assert cli_main(["train", str(cfg), "--overwrite", "--train.max_minutes", "0"]) == 2
+
+
 def test_bf16_autocast_keeps_trainables_and_optimizer_fp32(tmp_path, model_dir):
     """bf16 frozen weights + bf16 autocast: LoRA weights and AdamW state stay float32, loss finite."""
     cfg = write_config(tmp_path, model_dir, model={"name_or_path": str(model_dir), "dtype": "bfloat16",
