@@ -96,6 +96,25 @@ def test_train_bench_quick():
     assert by[("fp32", "seed")]["vs_seed_median"] == 1.0
 
 
+@pytest.mark.timeout(300)
+def test_dtype_quality_tiny(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_api import save_tiny
+    from test_train import _fruit_beir
+
+    model = save_tiny(tmp_path / "model")
+    lines = run_script("dtype_quality.py", "--model", str(model), "--data", str(_fruit_beir(tmp_path / "beir")))
+    by = {r.get("dtype", "compare"): r for r in lines}
+    assert set(by) == {"float32", "bfloat16", "compare"}
+    assert (by["float32"]["weights"], by["bfloat16"]["weights"]) == ("float32", "bfloat16")
+    for r in (by["float32"], by["bfloat16"]):
+        assert 0 <= r["ndcg@10"] <= 1 and 0 <= r["mrr@10"] <= 1 and r["seconds"] > 0
+    cmp = by["compare"]
+    assert cmp["compare"] == "bfloat16 vs float32" and cmp["ndcg@10_diff"] == round(
+        by["bfloat16"]["ndcg@10"] - by["float32"]["ndcg@10"], 4)
+    assert 0.9 < cmp["min_cosine_queries"] <= 1.00001 and 0.9 < cmp["min_cosine_passages"] <= 1.00001
+
+
 @pytest.mark.timeout(900)
 def test_serve_bench_tiny(tmp_path):
     """`denselm serve` and the plain sentence-transformers server against one tiny export, both lengths.
