@@ -74,8 +74,9 @@ def auto_dtype(device: str | torch.device) -> torch.dtype:
 
     On this project's CPU (AMX-BF16) bf16 encoding of SmolLM2-135M ran about 3x faster than
     float32 (one thread, CPU time: seed-sorted batches 1,300-1,690 vs 440 real tok/s); bf16
-    embeddings are within cosine 0.9989 of fp32 (benchmarks/RESULTS.md).  Not the CLI's
-    default: the retrieval-quality check (pyfaq nDCG@10 within 0.005 of fp32) is still open."""
+    embeddings are within cosine 0.9989 of fp32 (benchmarks/RESULTS.md).  The default of
+    ``denselm encode`` and ``denselm mine``: on the demo model bf16 gave pyfaq nDCG@10 0.6685 vs
+    0.6655 in fp32 (benchmarks/dtype_quality.py).  The Python API keeps float32 on CPU unless asked."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.device(device).type == "cpu" and cpu_has_bf16_matmul() else torch.float32

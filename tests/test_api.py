@@ -60,7 +60,7 @@ def test_equals_denselm_encode_for_corpus_and_queries(tmp_path, model_dir, enc):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
     queries = write_jsonl(tmp_path / "queries.jsonl", [{"_id": d["_id"], "text": d["text"]} for d in docs])
     for kind, path in (("corpus", corpus), ("queries", queries)):
-        assert cli_main(["encode", "--model", str(model_dir), "--input", str(path), "--output",
+        assert cli_main(["encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(path), "--output",
                          str(tmp_path / kind), "--kind", kind, "--device", "cpu"]) == 0
     _, cli_docs = load_embeddings(tmp_path / "corpus")
     _, cli_queries = load_embeddings(tmp_path / "queries")

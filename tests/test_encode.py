@@ -53,7 +53,7 @@ def corpus(tmp_path_factory):
 
 
 def encode_cli(model_dir, corpus, out, *extra) -> int:
-    return cli_main(["encode", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
+    return cli_main(["encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
                      "--shard-size", "3", "--device", "cpu", *extra])
 
 
@@ -129,7 +129,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path, model_dir, corpus, capsy
     plan = (out / PLAN_NAME).read_text()
     assert encode_cli(model_dir, corpus, out, "--kind", "queries") == 2
     assert "holds an encoding with other settings" in capsys.readouterr().err
-    assert cli_main(["encode", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
+    assert cli_main(["encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
                      "--shard-size", "5", "--device", "cpu"]) == 2
     assert "shard_size: 3 -> 5" in capsys.readouterr().err
     assert (out / PLAN_NAME).read_text() == plan and (out / MANIFEST_NAME).exists()
@@ -137,9 +137,27 @@ def test_rerun_with_other_settings_is_refused(tmp_path, model_dir, corpus, capsy
     for i in list_shards(out):
         shard_paths(out, i)[0].unlink()
     (out / MANIFEST_NAME).unlink()
-    assert cli_main(["encode", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
+    assert cli_main(["encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
                      "--shard-size", "5", "--device", "cpu"]) == 0
     assert json.loads((out / PLAN_NAME).read_text())["shard_size"] == 5 and list_shards(out) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("has_bf16_units", [True, False])
+def test_default_dtype_is_auto_and_a_resume_must_match_it(tmp_path, model_dir, corpus, capsys, monkeypatch,
+                                                          has_bf16_units):
+    """`denselm encode` defaults to --dtype auto: bf16 weights on a CPU with bf16 matrix units, else fp32.
+    The weights' dtype is in the plan, so an encoding is never resumed in another dtype."""
+    from denselm import inference
+
+    monkeypatch.setattr(inference, "cpu_has_bf16_matmul", lambda: has_bf16_units)
+    out = tmp_path / "emb"
+    assert cli_main(["encode", "--model", str(model_dir), "--input", str(corpus), "--output", str(out),
+                     "--shard-size", "3", "--device", "cpu"]) == 0
+    weights = "bfloat16" if has_bf16_units else "float32"
+    assert json.loads((out / PLAN_NAME).read_text())["weights_dtype"] == weights
+    other = "float32" if has_bf16_units else "bfloat16"
+    assert encode_cli(model_dir, corpus, out, "--dtype", other) == 2  # encode_cli passes float32; the last flag wins
+    assert f"weights_dtype: '{weights}' -> '{other}'" in capsys.readouterr().err
 
 
 def test_bad_input(tmp_path, model_dir, capsys):
@@ -178,7 +196,7 @@ def test_two_ranks_equal_one(tmp_path, model_dir, corpus):
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "denselm.cli", "encode", "--model", str(model_dir), "--input", str(corpus), "--output", str(two),
+           "-m", "denselm.cli", "encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(corpus), "--output", str(two),
            "--shard-size", "3", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -329,7 +329,7 @@ def test_encode_resumes_only_the_same_model_spec_and_input(tmp_path, capsys):
     out = tmp_path / "emb"
 
     def encode(model_dir, input_path, *extra) -> int:
-        return main(["encode", "--model", str(model_dir), "--input", str(input_path), "--output", str(out),
+        return main(["encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(input_path), "--output", str(out),
                      "--shard-size", "3", "--device", "cpu", *extra])
 
     with faults("encode.shard:crash@2"), pytest.raises(RuntimeError, match="simulated crash"):

@@ -118,7 +118,7 @@ def test_model_mining_matches_exact_scores(tmp_path, model_dir):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"c{i}", "text": t} for i, t in enumerate(pool)])
     src = write_jsonl(tmp_path / "train.jsonl", lines)
     out = tmp_path / "mined.jsonl"
-    base = ["mine", "--model", str(model_dir), "--input", str(src), "--corpus", str(corpus), "--device", "cpu",
+    base = ["mine", "--dtype", "float32", "--model", str(model_dir), "--input", str(src), "--corpus", str(corpus), "--device", "cpu",
             "--range", "2-9", "--instruction", "Find related fruit"]
     assert cli_main([*base, "--output", str(out), "--num-negatives", "20", "--max-positive-ratio", "1.0"]) == 0
     mined = [json.loads(l) for l in out.read_text().splitlines()]

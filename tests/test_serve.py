@@ -89,7 +89,7 @@ def test_openai_client_equals_denselm_encode(tmp_path, url, model_dir, enc):
     write_jsonl(tmp_path / "c.jsonl", docs)
     write_jsonl(tmp_path / "q.jsonl", docs)
     for kind, name in (("corpus", "c"), ("queries", "q")):
-        assert cli_main(["encode", "--model", str(model_dir), "--input", str(tmp_path / f"{name}.jsonl"),
+        assert cli_main(["encode", "--dtype", "float32", "--model", str(model_dir), "--input", str(tmp_path / f"{name}.jsonl"),
                          "--output", str(tmp_path / kind), "--kind", kind, "--device", "cpu"]) == 0
     _, cli_docs = load_embeddings(tmp_path / "corpus")
     _, cli_queries = load_embeddings(tmp_path / "queries")

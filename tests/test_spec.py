@@ -200,7 +200,7 @@ def test_missing_base_model_names_the_flag_and_the_recorded_value(tmp_path, caps
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"_id": "d1", "text": "one two"}) + "\n")
     capsys.readouterr()
-    assert cli_main(["encode", "--model", str(out), "--input", str(corpus), "--output", str(tmp_path / "e"),
+    assert cli_main(["encode", "--dtype", "float32", "--model", str(out), "--input", str(corpus), "--output", str(tmp_path / "e"),
                      "--device", "cpu"]) != 0  # one line, no traceback
     assert "--base-model" in capsys.readouterr().err
     np.testing.assert_allclose(Encoder(BiEncoderModel.load(out, base_model=moved)).encode_corpus(texts), ref, atol=1e-5)
