@@ -108,7 +108,7 @@ def test_dtype_quality_tiny(tmp_path):
     assert set(by) == {"float32", "bfloat16", "compare"}
     assert (by["float32"]["weights"], by["bfloat16"]["weights"]) == ("float32", "bfloat16")
     for r in (by["float32"], by["bfloat16"]):
-        assert 0 <= r["ndcg@10"] <= 1 and 0 <= r["mrr@10"] <= 1 and r["seconds"] > 0
+        assert 0 <= r["ndcg@10"] <= 1 and 0 <= r["mrr@10"] <= 1 and r["seconds"] >= 0
     cmp = by["compare"]
     assert cmp["compare"] == "bfloat16 vs float32" and cmp["ndcg@10_diff"] == round(
         by["bfloat16"]["ndcg@10"] - by["float32"]["ndcg@10"], 4)
