@@ -249,3 +249,74 @@ def test_cuda_bf16_uses_variable_length_flash_kernel():
         out = packing.encode_features(backbone, feats, "last", max_tokens=100).float()
     assert packing._varlen_kernel() is not None and not packing._varlen_failed
     assert F.cosine_similarity(out, ref, dim=-1).min() >= 0.99  # bf16
+
+
+# -------------------------------------------------- matmul attention (bf16/fp16 on CPU)
+@pytest.fixture
+def matmul_attention_for(monkeypatch):
+    """Route packed attention of the given CPU dtypes through ``matmul_attention`` for one test."""
+    def route(*dtypes):
+        monkeypatch.setitem(packing.MATMUL_ATTENTION, "cpu", tuple(dtypes))
+    return route
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
+def test_matmul_attention_equals_sdpa_float64(heads, kv_heads):
+    """Values and gradients of the grouped matmul form equal SDPA's causal GQA attention (float64)."""
+    g = torch.Generator().manual_seed(heads)
+    q = torch.randn(heads, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(kv_heads, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(kv_heads, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    ref = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=0.3,
+                                         enable_gqa=heads != kv_heads)[0].transpose(0, 1)  # (L, H, d)
+    out = packing.matmul_attention(q, k, v, 0.3)
+    assert out.shape == ref.shape == (13, heads, 8)
+    assert rel_err(out, ref) <= 1e-12
+    weights = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    our_grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for a, b in zip(our_grads, ref_grads):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_matmul_attention_routing_by_device_and_dtype():
+    """bf16/fp16 on CPU take the matmul form, float32 keeps SDPA (measured equal there), dropout keeps SDPA."""
+    def on(dtype, dropout=0.0):
+        return packing.use_matmul_attention(torch.zeros(1, dtype=dtype), dropout)
+
+    assert on(torch.bfloat16) and on(torch.float16)
+    assert not on(torch.float32) and not on(torch.float64)
+    assert not on(torch.bfloat16, dropout=0.1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_matmul_attention_equals_padded_float64(arch, matmul_attention_for):
+    """Whole packed encodes and training steps through the matmul form equal the padded model (float64)."""
+    matmul_attention_for(torch.float64)
+    calls = []
+    real = packing.matmul_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packing, "matmul_attention", lambda *a: calls.append(1) or real(*a))
+        backbone = tiny_backbone(arch, dtype=torch.float64).eval()
+        feats, _ = random_batch(7, 3, 20, seed=5, padding_side="left")
+        with torch.no_grad():
+            ref = padded_reference(backbone, feats)
+            ours = packing.encode_features(backbone, feats, "last", max_tokens=30)
+        assert calls, "the matmul path was not taken"
+        assert rel_err(ours, ref) <= 1e-10
+        backbone = tiny_backbone(arch, dtype=torch.float64)
+        query, passage, teacher = make_inputs("right", seed=4)
+        ref = step(copy.deepcopy(backbone), query, passage, teacher=teacher, position_ids="from_zero")
+        ours = step(backbone, query, passage, teacher=teacher, packing=True, packing_max_tokens=32)
+        assert rel_err(ours[0], ref[0]) <= 1e-10 and rel_err(ours[2], ref[2]) <= 1e-10
+
+
+def test_packed_bf16_on_cpu_is_close_to_padded():
+    """The default bf16 CPU path (matmul form) stays within bf16 rounding of the padded SDPA model."""
+    backbone = tiny_backbone("llama", dtype=torch.bfloat16).eval()
+    feats, _ = random_batch(8, 4, 24, seed=9, padding_side="left")
+    assert packing.use_matmul_attention(torch.zeros(1, dtype=torch.bfloat16), 0.0)
+    with torch.no_grad():
+        ref = padded_reference(backbone, feats).float()
+        ours = packing.encode_features(backbone, feats, "last", max_tokens=64).float()
+    assert F.cosine_similarity(ours, ref, dim=-1).min() >= 0.995
