@@ -17,8 +17,6 @@ Variants (one backbone per dtype, shared):
   seed-sorted     the same batches after sorting the texts by length (what a careful user does)
   denselm         ``inference.Encoder`` with its defaults for this device and dtype
                   (``inference.encode_defaults``: on CPU packed rows of 1-2k tokens)
-  denselm-sdpa    the default with packed attention on SDPA's kernel instead of
-                  ``packing.matmul_attention`` (what bf16 on CPU ran before; same as denselm in fp32)
   denselm-padded  Encoder, length-sorted padded batches (packing off; <= 64 rows, 16k tokens)
   denselm-packed  Encoder, packed rows of the model's default 4096 tokens
 
@@ -47,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_lib as bl  # noqa: E402
 
-VARIANTS = ("seed-unsorted", "seed-sorted", "denselm", "denselm-sdpa", "denselm-padded", "denselm-packed")
+VARIANTS = ("seed-unsorted", "seed-sorted", "denselm", "denselm-padded", "denselm-packed")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -97,18 +95,6 @@ def build_backbone(folder, dtype: torch.dtype):
     return AutoModel.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
 
 
-def sdpa_attention(fn, *args):
-    """fn(*args) with packed rows attending through SDPA on every device and dtype."""
-    from denselm.model.speedups import packing
-
-    saved = dict(packing.MATMUL_ATTENTION)
-    packing.MATMUL_ATTENTION.clear()
-    try:
-        return fn(*args)
-    finally:
-        packing.MATMUL_ATTENTION.update(saved)
-
-
 def make_runners(backbone, tokenizer, ids, batch: int) -> dict:
     from denselm import BiEncoderModel
     from denselm.inference import Encoder
@@ -126,7 +112,6 @@ def make_runners(backbone, tokenizer, ids, batch: int) -> dict:
         "seed-unsorted": lambda: bl.seed_encode(backbone, ids, batch, device),
         "seed-sorted": lambda: bl.seed_encode(backbone, ids, batch, device, sort=True),
         "denselm": lambda: default.encode_ids(ids),
-        "denselm-sdpa": lambda: sdpa_attention(default.encode_ids, ids),
         "denselm-padded": lambda: padded.encode_ids(ids),
         "denselm-packed": lambda: packed.encode_ids(ids),
     }, defaults

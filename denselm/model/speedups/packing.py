@@ -15,8 +15,7 @@ Attention must never cross a sequence boundary.  Which kernel does that:
   here, ``denselm_packed``; it is plain SDPA for padded inputs and, for packed
   rows, PyTorch's built-in flash variable-length kernel
   (``torch.nn.attention.varlen``, CUDA, fp16/bf16; no flash-attn package
-  needed) or else one causal attention per sequence: SDPA (fp32, dropout) or, for
-  bf16/fp16 on CPU, ``matmul_attention`` (faster there than SDPA's CPU kernel).
+  needed) or else one causal SDPA call per sequence (CPU, fp32, dropout).
   Both cost sum(L_i^2), never (sum L_i)^2.
 - anything else (``eager``, ``flex_attention``): transformers builds a
   block-diagonal causal mask from the position-id resets.
@@ -203,42 +202,6 @@ def _varlen_flash(query, key, value, cu, max_len, scaling):
 
 _varlen_failed = False
 
-MATMUL_ATTENTION = {"cpu": (torch.bfloat16, torch.float16)}
-"""Device type -> dtypes whose packed rows use ``matmul_attention`` instead of SDPA's kernel.
-
-Measured on this project's 2-core CPU (AVX512-BF16, torch 2.13, SmolLM2's 9 query / 3 kv
-heads of 64): for one causal sequence of 200 / 256 tokens SDPA's CPU flash kernel took
-708 / 1003 us in bfloat16 against 442 / 644 us for ``matmul_attention`` (bf16 matmuls
-reach the matrix units, the flash kernel's inner products do not); in float32 the two
-are equal (689 vs 806 us at 200 tokens), so float32 keeps SDPA.  Set an entry to ``()``
-to turn the path off."""
-
-
-def use_matmul_attention(query: torch.Tensor, dropout: float) -> bool:
-    return dropout == 0.0 and query.dtype in MATMUL_ATTENTION.get(query.device.type, ())
-
-
-def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """Causal attention of one sequence as two batched matmuls, query heads grouped by kv head.
-
-    query (H, L, d), key/value (Hkv, L, d) -> (L, H, d).  The numerics of transformers'
-    ``eager`` attention: scores in the model's dtype, softmax in float32, probabilities
-    rounded back.  Grouped-query attention without repeating K/V: the g = H / Hkv query
-    heads sharing kv head j (heads j*g .. j*g+g-1, ``repeat_kv``'s order) are stacked into
-    one (g * L, d) block, so each kv head is one (g*L, d) x (d, L) matmul.
-    """
-    heads, length, dim = query.shape
-    kv_heads = key.shape[0]
-    group = heads // kv_heads
-    scale = scaling if scaling is not None else dim ** -0.5
-    q = query.reshape(kv_heads, group * length, dim)  # (Hkv, g*L, d): one copy of a strided slice
-    scores = torch.matmul(q, key.transpose(1, 2)).view(kv_heads, group, length, length)  # (Hkv, g, L, L)
-    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1)
-    scores = scores.mul_(scale).masked_fill_(causal, float("-inf"))  # in place: autograd allows it (matmul keeps its inputs)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
-    out = torch.matmul(probs.view(kv_heads, group * length, length), value)  # (Hkv, g*L, d)
-    return out.view(heads, length, dim).transpose(0, 1)  # (L, H, d)
-
 
 def packed_attention(
     module: nn.Module,
@@ -287,17 +250,13 @@ def packed_attention(
     # thread, its backward is plain slicing).
     gqa = query.shape[1] != key.shape[1]
     bounds = cu.tolist()
-    if use_matmul_attention(query, dropout):
-        outs = [matmul_attention(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scaling)
-                for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
-        outs = [
-            F.scaled_dot_product_attention(
-                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa,
-            )[0].transpose(0, 1)  # (L_i, H, d)
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa,
+        )[0].transpose(0, 1)  # (L_i, H, d)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     with torch.profiler.record_function(CAT_RANGE):  # named, so profiles can tell this cat from the model's
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     return out.unsqueeze(0), None  # (1, total, H, d)
