@@ -414,6 +414,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _relative_source(folder: Path, root) -> str:
+    """``folder`` relative to the package root given as --sources (``usr/share/wordnet``), else as given."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", type=Path, default=Path("/"),
@@ -441,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     synsets = load_synsets(folder)
     ranks = sense_ranks(folder)
     stats: dict = {
-        "sources": str(folder),
+        "sources": _relative_source(folder, args.sources),  # no machine-specific path: reproducible bytes
         "synsets": dict(Counter(s.pos for s in synsets)),
         "synsets_with_examples": sum(bool(s.examples) for s in synsets),
         "unbalanced_quotes": [s.source for s in synsets if s.unbalanced_quotes],
