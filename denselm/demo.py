@@ -147,11 +147,23 @@ def eval_baselines(data) -> dict[str, dict[str, float]]:
     return out
 
 
+def eval_tasks(model, cfg, tasks: list[tuple[DemoTask, object]]) -> dict[str, dict]:
+    """``model`` on each (task, its data), evaluated as training's evaluation does it, with the task's instruction."""
+    import copy
+
+    from .train import evaluate_during_training
+
+    out = {}
+    for task, task_data in tasks:
+        task_cfg = copy.deepcopy(cfg)
+        task_cfg.eval.query_instruction = task.instruction
+        out[task.name] = evaluate_during_training(model, task_cfg, task_data)
+    return out
+
+
 def eval_untrained(cfg, data, tasks: list[tuple[DemoTask, object]] = ()) -> tuple[dict[str, float], dict[str, dict]]:
     """The model training starts from (truncated, LoRA adapters at zero = the base model), evaluated
     exactly as training's evaluation does it: on ``data`` and on each (task, its data)."""
-    import copy
-
     import torch
 
     from .train import build_model, build_tokenizer, evaluate_during_training, pick_device
@@ -159,32 +171,19 @@ def eval_untrained(cfg, data, tasks: list[tuple[DemoTask, object]] = ()) -> tupl
     tokenizer, added = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, added).to(pick_device(cfg))
     with torch.no_grad():
-        main = evaluate_during_training(model, cfg, data)
-        others = {}
-        for task, task_data in tasks:
-            task_cfg = copy.deepcopy(cfg)
-            task_cfg.eval.query_instruction = task.instruction
-            others[task.name] = evaluate_during_training(model, task_cfg, task_data)
-    return main, others
+        return evaluate_during_training(model, cfg, data), eval_tasks(model, cfg, tasks)
 
 
 def eval_saved(model_path: Path, cfg, tasks: list[tuple[DemoTask, object]]) -> dict[str, dict]:
     """The trained model, loaded from its saved folder as a user would, on each (task, its data)."""
     import torch
 
-    from .evaluate import evaluate_model
     from .inference import load_encoder
     from .train import pick_device
 
-    ks = sorted({*KS, int(cfg.eval.metric.split("@")[1]) if "@" in cfg.eval.metric else 10})
-    enc = load_encoder(model_path, device=str(pick_device(cfg)), dtype=cfg.model.dtype or None,
-                       batch_size=cfg.eval.batch_size, show_progress=False)
-    out = {}
+    model = load_encoder(model_path, device=str(pick_device(cfg)), dtype=cfg.model.dtype or None).model
     with torch.no_grad():
-        for task, task_data in tasks:
-            out[task.name] = evaluate_model(lambda t, i=task.instruction: enc.encode_queries(t, instruction=i),
-                                            enc.encode_corpus, task_data, ks=ks)
-    return out
+        return eval_tasks(model, cfg, tasks)
 
 
 def eval_log(log_path: Path) -> tuple[list[dict], dict[str, float]]:

@@ -1,10 +1,23 @@
-"""Small helpers shared by the data-pipeline tests: a tiny offline tokenizer and JSONL writers."""
+"""Small helpers shared by the data-pipeline tests: a tiny offline tokenizer, JSONL writers, the build scripts as modules."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` imported as module ``NAME`` (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 WORDS = (
     "the a of to and in is it for on with as was at by an be this that from or have not are but what "

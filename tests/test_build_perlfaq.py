@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from data_helpers import ROOT, load_script
 
 from denselm.beir import load_beir
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "perlfaq"
 SHIPPED = ROOT / "data" / "perlfaq"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("build_perlfaq", ROOT / "scripts" / "build_perlfaq.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-b = _load_script()
+b = load_script("build_perlfaq")
 
 
 def _jsonl(path: Path) -> list[dict]:

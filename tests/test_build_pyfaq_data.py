@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from data_helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("build_pyfaq_data", ROOT / "scripts" / "build_pyfaq_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-b = _load_script()
+b = load_script("build_pyfaq_data")
 
 DOC = """\
 :mod:`json` --- JSON encoder

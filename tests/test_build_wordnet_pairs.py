@@ -6,26 +6,16 @@ Runs on a fixture of real WordNet 3.0 lines (tests/fixtures/wordnet), without th
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from data_helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "wordnet"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("build_wordnet_pairs", ROOT / "scripts" / "build_wordnet_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-w = _load_script()
+w = load_script("build_wordnet_pairs")
 
 DOG = (
     "a member of the genus Canis (probably descended from the common wolf) that has been domesticated by man "
