@@ -45,7 +45,6 @@ kept); it is written with a summary of our changes to data/LICENSE-WordNet.txt (
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import random
@@ -65,6 +64,8 @@ from build_pyfaq_data import (  # noqa: E402  (the helpers shared with the Pytho
     teacher_scores,
     write_jsonl,
 )
+
+from denselm.io import iter_jsonl  # noqa: E402
 
 logger = logging.getLogger("build_wordnet_pairs")
 
@@ -254,16 +255,11 @@ def load_eval_texts(folders: list[Path]) -> tuple[list[tuple[str, str, str]], li
         for path in [queries, *corpora]:
             if not path.is_file():
                 continue
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                    for field in ("title", "text"):
-                        if row.get(field):
-                            doc_id = row["_id"] if field == "text" else f"{row['_id']}:title"
-                            texts.append((folder.name, doc_id, row[field]))
+            for _line_no, row in iter_jsonl(path):  # .gz or plain; bad JSON is an error naming file and line
+                for field in ("title", "text"):
+                    if row.get(field):
+                        doc_id = row["_id"] if field == "text" else f"{row['_id']}:title"
+                        texts.append((folder.name, doc_id, row[field]))
     return texts, used, missing
 
 
