@@ -53,6 +53,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_pyfaq_data import write_beir  # noqa: E402  (the BEIR writer shared with the Python FAQ)
+
 logger = logging.getLogger("build_perlfaq")
 
 POD_GLOB = "usr/share/perl/*/pod"
@@ -458,12 +461,9 @@ def build(sources: Path, out: Path) -> dict:
     if same_answer:
         logger.warning("answers with identical text: %s", same_answer)
 
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
-    _write(out / "corpus.jsonl", "".join(
-        json.dumps({"_id": e.id + "-a", "title": "", "text": e.answer}, ensure_ascii=False) + "\n" for e in kept))
-    _write(out / "queries.jsonl", "".join(
-        json.dumps({"_id": e.id + "-q", "text": e.question}, ensure_ascii=False) + "\n" for e in kept))
-    _write(out / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\n" + "".join(f"{e.id}-q\t{e.id}-a\t1\n" for e in kept))
+    # pyfaq's writer: the same ids (-q / -a), files and bytes; the corpus (about 300 KB) stays plain JSONL
+    write_beir(out, [{"id": e.id, "question": e.question} for e in kept],
+               [{"_id": e.id + "-a", "title": "", "text": e.answer} for e in kept], gzip_over=1 << 30)
 
     reasons: dict[str, int] = {}
     for d in dropped:
