@@ -1,0 +1,500 @@
+"""Build question -> answer training pairs for denselm from the FAQs that Debian's documentation packages ship.
+
+    cd /tmp/faq && apt-get download r-doc-html zsh-doc fetchmail sqlite3-doc git-doc \\
+        && for f in *.deb; do dpkg-deb -x "$f" root; done
+    python scripts/build_faq_pairs.py --sources /tmp/faq/root   # or --sources / when the packages are installed
+    python scripts/build_faq_pairs.py --no-teacher             # skip the all-MiniLM-L6-v2 scores
+
+Why: both evaluation tasks of ``denselm demo`` (data/pyfaq, data/perlfaq) ask FAQ questions
+("How do I ...?", "Why does ...?") of answer paragraphs, while the other training pairs are headings,
+API entries and dictionary definitions. These FAQs are real questions with their authors' answers,
+about five other programs, so they teach the question -> answer form without the evaluation's domain.
+
+What it reads (one FAQ per source in SOURCES, under --sources): the R FAQ (``r-doc-html``, texinfo
+HTML, questions are numbered ``<h3>``/``<h4>`` headings), the Z shell FAQ (``zsh-doc``, six HTML
+chapters, numbered ``<h2>``), the fetchmail FAQ (``fetchmail``, ``<h2>`` headings ``G1. ...``),
+SQLite's FAQ (``sqlite3-doc``, ``<p><b>(N) question</b></p>``) and gitfaq(7) (``git-doc``,
+AsciiDoc ``question?::`` entries). A question is a question element whose text, without its number,
+ends with "?" or starts with a question word (How, What, Why, Can, I ...); its answer is the text of
+the blocks that follow up to the next question or heading of the same or a higher level, rendered
+as plain text (paragraphs joined by a blank line, ``<pre>`` kept verbatim, navigation panels left out).
+
+What it writes (under --out, default ``data/general/``), in denselm's training JSONL
+(``{"query", "pos": [answer], "neg": [7 answers], "pos_scores", "neg_scores", "prompt"}``):
+  faq.jsonl.gz    every kept pair of every source; prompt "Given a question about <topic>, retrieve
+                  the passage that answers it" (the demo's evaluation instruction with the source's topic)
+  faq-stats.json  per source: questions found, kept, dropped (and why), leak examples, file sizes.
+
+How: answers under --min-answer-chars (40) and non-question headings are dropped; pairs whose
+question or answer leaks into an evaluation set are dropped (build_wordnet_pairs' rule: more than half
+of the smaller text's word 8-grams shared with one query or document of the --eval folders);
+duplicate questions and answers are dropped (normalized_text). Hard negatives: BM25 over the same
+source's answers, ranks 2-30, queried with question + answer (7 a pair; a source with fewer answers
+gives fewer), never an answer equal to the positive; teacher scores from all-MiniLM-L6-v2. The gzip
+file is byte-for-byte reproducible.
+
+Licences (written to data/LICENSE-faq.txt with each notice quoted from the package): R FAQ GPL-2+,
+Z shell FAQ (P.W. Stephenson's permission notice), fetchmail FAQ GPL-2+, SQLite public domain,
+gitfaq GPL-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_pyfaq_data import (  # noqa: E402  (the helpers shared with the Python-docs build)
+    LeakDetector,
+    Pair,
+    mine_bm25_negatives,
+    normalized_text,
+    teacher_scores,
+    write_jsonl,
+)
+from build_wordnet_pairs import DEFAULT_EVAL, _shown, load_eval_texts  # noqa: E402
+
+logger = logging.getLogger("build_faq_pairs")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Given a question about {topic}, retrieve the passage that answers it"
+QUESTION_WORDS = re.compile(
+    r"^(?:how|what|why|when|where|which|who|whom|whose|can|could|does|do|did|is|are|was|were|should|"
+    r"will|would|may|must|has|have|i|i'm|i've|my)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FaqSource:
+    """Where one FAQ lives and how its questions are marked."""
+
+    name: str
+    """short name, the ``source`` field prefix: ``r-faq``"""
+    package: str
+    """Debian package that ships it"""
+    topic: str
+    """what the prompt says the questions are about"""
+    files: tuple[str, ...]
+    """paths under --sources, read in this order (the first existing one of ``alternatives`` each)"""
+    kind: str
+    """html or asciidoc"""
+    question_tags: frozenset[str] = frozenset()
+    """html: the block elements that can hold a question"""
+    number: str = ""
+    """regex of the question's number prefix, removed from the query"""
+    questions_only: bool = False
+    """keep only headings that read as questions (the FAQ also has plain section titles: "Legalese")"""
+    bold_only: bool = False
+    """html: the question block's whole text is bold (SQLite's ``<p><b>(N) ...</b></p>``)"""
+    copyright: str = ""
+    """the package's Debian copyright file, for the licence notice"""
+    notice: str = ""
+    """where the licence notice is: 'debian:<License name>' (the package's copyright file), or
+    'section:<heading regex>' (the blocks under that heading of the FAQ itself)"""
+
+
+SOURCES = (
+    FaqSource("r-faq", "r-doc-html", "R", ("usr/share/doc/r-doc-html/manual/R-FAQ.html",), "html",
+              frozenset({"h3", "h4"}), r"\d+(?:\.\d+)+\s+", questions_only=True, copyright="usr/share/doc/r-doc-html/copyright",
+              notice=r"section:1\.1 Legalese"),
+    FaqSource("zsh-faq", "zsh-doc", "the Z shell (zsh)",
+              tuple(f"usr/share/doc/zsh-common/html/FAQ0{i}.html" for i in range(1, 7)), "html",
+              frozenset({"h2"}), r"\d+\.\d+:\s+", questions_only=True,
+              notice=r"section:Copyright Information:"),
+    FaqSource("fetchmail-faq", "fetchmail", "fetchmail", ("usr/share/doc/fetchmail/fetchmail-FAQ.html",), "html",
+              frozenset({"h2"}), r"[A-Z]\d+\.\s+", copyright="usr/share/doc/fetchmail/copyright",
+              notice="debian:GPL-2+ with OpenSSL exception"),
+    FaqSource("sqlite-faq", "sqlite3-doc", "SQLite", ("usr/share/doc/sqlite3/faq.html",), "html",
+              frozenset({"p"}), r"\(\d+\)\s+", bold_only=True, copyright="usr/share/doc/sqlite3-doc/copyright",
+              notice="debian:public-domain"),
+    FaqSource("gitfaq", "git-doc", "Git", ("usr/share/doc/git-doc/gitfaq.txt",), "asciidoc",
+              copyright="usr/share/doc/git-doc/copyright", notice="debian:GPL-2"),
+)
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+BLOCK_TAGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6", "p", "pre", "li", "dt", "dd", "blockquote",
+                        "div", "table", "tr", "td", "th", "ul", "ol", "dl", "br", "hr", "title"})
+HEADINGS = {f"h{i}": i for i in range(1, 7)}
+SKIPPED_TAGS = frozenset({"script", "style", "head", "nav"})
+SKIPPED_CLASSES = re.compile(r"\b(?:header|nav-panel|navigation|footnotes-segment|contents|section-toc|mini-toc|menu)\b")
+PAGE_FOOTER = re.compile(r"^This page last modified on ")  # SQLite's pages end with it
+VOID_TAGS = frozenset({"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr"})
+
+
+@dataclass
+class Block:
+    """One block of text of an HTML page: the innermost block element it came from."""
+
+    tag: str
+    text: str
+    bold: bool
+    """every non-space character of the block was inside <b> or <strong>"""
+    line: int
+
+
+class BlockParser(HTMLParser):
+    """Flattens a page into :class:`Block` s; whitespace collapsed except inside <pre>."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[Block] = []
+        self.stack: list[str] = []  # open block tags
+        self.skip_depth = 0  # >0 inside a skipped element (navigation, script ...)
+        self.skip_stack: list[str] = []
+        self.bold = 0
+        self.pre = 0
+        self.parts: list[tuple[str, bool]] = []
+        self.start_line = 1
+
+    def _flush(self):
+        text = "".join(t for t, _ in self.parts)
+        tag = self.stack[-1] if self.stack else "body"
+        if not self.pre:
+            text = re.sub(r"\s+", " ", text).strip()
+        else:
+            text = text.strip("\n").rstrip()
+        if text.strip():
+            bold = all(b for t, b in self.parts if t.strip())
+            self.blocks.append(Block(tag, text, bold, self.start_line))
+        self.parts = []
+        self.start_line = self.getpos()[0]
+
+    def handle_starttag(self, tag, attrs):
+        if self.skip_depth:
+            if tag not in VOID_TAGS:
+                self.skip_depth += tag == self.skip_stack[-1]
+            return
+        cls = dict(attrs).get("class") or ""
+        if tag in SKIPPED_TAGS or (tag in ("div", "table", "ul") and SKIPPED_CLASSES.search(cls)):
+            self._flush()
+            self.skip_depth, self.skip_stack = 1, [tag]
+            return
+        if tag in ("b", "strong"):
+            self.bold += 1
+        if tag in BLOCK_TAGS:
+            self._flush()
+            if tag == "hr":  # a rule ends an answer: fetchmail's page footer follows one
+                self.blocks.append(Block("hr", "", False, self.getpos()[0]))
+            if tag in VOID_TAGS:
+                return
+            if tag not in VOID_TAGS:
+                self.stack.append(tag)
+            self.pre += tag == "pre"
+
+    def handle_endtag(self, tag):
+        if self.skip_depth:
+            if tag == self.skip_stack[-1]:
+                self.skip_depth -= 1
+                if not self.skip_depth:
+                    self.skip_stack = []
+                    self.start_line = self.getpos()[0]
+            return
+        if tag in ("b", "strong"):
+            self.bold = max(0, self.bold - 1)
+        if tag in BLOCK_TAGS and tag not in VOID_TAGS and tag in self.stack:
+            self._flush()
+            while self.stack:  # close any unclosed children (<p> inside <li> ...)
+                open_tag = self.stack.pop()
+                self.pre -= open_tag == "pre"
+                if open_tag == tag:
+                    break
+
+    def handle_data(self, data):
+        if not self.skip_depth:
+            self.parts.append((data, self.bold > 0))
+
+
+def html_blocks(text: str) -> list[Block]:
+    parser = BlockParser()
+    parser.feed(text)
+    parser.close()
+    parser._flush()
+    return parser.blocks
+
+
+def is_question(text: str) -> bool:
+    return text.rstrip().endswith("?") or bool(QUESTION_WORDS.match(text))
+
+
+def html_entries(blocks: list[Block], source: FaqSource, file: str) -> list[dict]:
+    """``{"question", "answer", "source", "numbered"}`` for every question element of a page.
+
+    An entry's answer runs to the next question element or to a heading of the same or a
+    higher level (a chapter title ends the last answer of the chapter before it).
+    """
+    number = re.compile(source.number)
+    entries: list[dict] = []
+    current: dict | None = None
+    for b in blocks:
+        candidate = b.tag in source.question_tags and (b.bold or not source.bold_only) and number.match(b.text)
+        ends = current is not None and (b.tag == "hr" or b.tag in HEADINGS and HEADINGS[b.tag] <= current["level"])
+        if candidate or ends:
+            current = None
+        if candidate:
+            question = number.sub("", b.text, count=1).strip()
+            current = {"question": question, "answer": [], "source": f"{file}:{b.line}",
+                       "level": HEADINGS.get(b.tag, 7)}
+            entries.append(current)
+        elif current is not None and b.text and not PAGE_FOOTER.match(b.text):
+            current["answer"].append(b.text)
+    return [{"question": e["question"], "answer": "\n\n".join(e["answer"]).strip(), "source": e["source"]}
+            for e in entries]
+
+
+ASCIIDOC_QUESTION = re.compile(r"^(?P<q>\S.*\S)::\s*$")
+ASCIIDOC_RULE = re.compile(r"^(?:-{2,}|={2,}|~{2,})\s*$")
+ASCIIDOC_ANCHOR = re.compile(r"^\[\[[^\]]*\]\]\s*$")
+ASCIIDOC_LINK = re.compile(r"linkgit:([\w.-]+)\[(\d)\]")
+
+
+def is_title(lines: list[str], i: int) -> bool:
+    """Line ``i`` is a two-line AsciiDoc title: text underlined by a rule of (about) its length."""
+    return (i + 1 < len(lines) and bool(lines[i].strip()) and bool(ASCIIDOC_RULE.match(lines[i + 1]))
+            and abs(len(lines[i + 1].rstrip()) - len(lines[i].rstrip())) <= 2)
+
+
+def asciidoc_entries(text: str, file: str) -> list[dict]:
+    """gitfaq(7)'s ``question?::`` definition-list entries.
+
+    A ``+`` line joins the next paragraph or ``----`` listing block to the entry (kept verbatim);
+    a section title (a line underlined by a rule of its length) ends the entry.
+    """
+    lines = text.splitlines()
+    entries: list[dict] = []
+    current: dict | None = None
+    listing: list[str] | None = None  # lines of the open ``----`` block
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if listing is not None:
+            if ASCIIDOC_RULE.match(line):
+                if current is not None:
+                    current["paragraphs"].append("\n".join(listing))
+                listing = None
+            else:
+                listing.append(line)
+        elif is_title(lines, i):
+            current = None
+            i += 1  # the underline
+        elif ASCIIDOC_RULE.match(line):
+            listing = []
+        elif m := ASCIIDOC_QUESTION.match(line):
+            current = {"question": m["q"], "paragraphs": [], "para": [], "source": f"{file}:{i + 1}"}
+            entries.append(current)
+        elif current is not None and not ASCIIDOC_ANCHOR.match(line):
+            if line.strip() in ("", "+"):
+                if current["para"]:
+                    current["paragraphs"].append(" ".join(current["para"]))
+                current["para"] = []
+            else:
+                current["para"].append(line.strip())
+        i += 1
+        if current is not None and (i == len(lines) or listing is not None and not listing) and current["para"]:
+            current["paragraphs"].append(" ".join(current["para"]))  # a listing or the end closes the paragraph
+            current["para"] = []
+    out = []
+    for e in entries:
+        answer = ASCIIDOC_LINK.sub(r"\1(\2)", "\n\n".join(e["paragraphs"]))
+        out.append({"question": e["question"].replace("`", ""), "answer": answer.replace("`", ""),
+                    "source": e["source"]})
+    return out
+
+
+def read_source(root: Path, source: FaqSource) -> tuple[list[dict], list[str]]:
+    """(entries of every file of the source, the files read)."""
+    entries, read = [], []
+    for rel in source.files:
+        path = root / rel
+        if not path.is_file():
+            continue
+        read.append(rel)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        name = Path(rel).name
+        if source.kind == "html":
+            entries += html_entries(html_blocks(text), source, name)
+        else:
+            entries += asciidoc_entries(text, name)
+    return entries, read
+
+
+def filter_entries(entries: list[dict], source: FaqSource, detector: LeakDetector | None,
+                   eval_texts: list[tuple[str, str, str]], min_chars: int, stats: dict) -> list[Pair]:
+    """Questions only, long enough answers, no leaks, no duplicates; counts in ``stats``."""
+    counts: Counter = Counter()
+    leaks: list[dict] = []
+    seen_q: set[str] = set()
+    seen_a: set[str] = set()
+    kept: list[Pair] = []
+    for e in entries:
+        if source.questions_only and not is_question(e["question"]):
+            counts["not a question"] += 1
+            continue
+        if len(e["answer"]) < min_chars:
+            counts[f"answer under {min_chars} chars"] += 1
+            continue
+        if detector is not None:
+            overlap, index, field = max(
+                (detector.overlap(text) + (field,) for field, text in (("query", e["question"]), ("passage", e["answer"]))),
+                key=lambda t: t[0])
+            if overlap > detector.threshold:
+                name, doc_id, text = eval_texts[index]
+                counts[f"leak into {name} (8-gram overlap > {detector.threshold})"] += 1
+                leaks.append({"source": e["source"], "field": field, "eval": f"{name}:{doc_id}",
+                              "eval_text": text[:200], "overlap": round(overlap, 3)})
+                continue
+        q, a = normalized_text(e["question"]), normalized_text(e["answer"])
+        if q in seen_q or a in seen_a:
+            counts["duplicate question" if q in seen_q else "duplicate answer"] += 1
+            continue
+        seen_q.add(q)
+        seen_a.add(a)
+        kept.append(Pair(source.name, e["question"], e["answer"], e["source"]))
+    stats["dropped"] = dict(sorted(counts.items()))
+    stats["leak_examples"] = leaks[:20]
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Licences
+# ---------------------------------------------------------------------------------------------
+
+
+def license_paragraph(copyright_text: str, name: str) -> str | None:
+    """The stand-alone ``License: <name>`` paragraph (the licence text) of a Debian copyright file, if any."""
+    for paragraph in re.split(r"\n\s*\n", copyright_text):
+        if paragraph.strip().splitlines()[:1] == [f"License: {name}"]:
+            return paragraph.strip()
+    return None
+
+
+def files_paragraph(copyright_text: str) -> str:
+    """The ``Files: *`` paragraph (its copyright holders) of a machine-readable Debian copyright file."""
+    paragraphs = re.split(r"\n\s*\n", copyright_text)
+    found = next((p for p in paragraphs if p.startswith("Files: *\n")), None)
+    if found is None:
+        raise ValueError("no 'Files: *' paragraph")
+    return found.strip()
+
+
+def license_notice(root: Path, source: FaqSource) -> str:
+    """The notice that allows redistribution, quoted from the FAQ itself or its package's copyright file."""
+    if source.notice.startswith("debian:"):
+        text = (root / source.copyright).read_text(encoding="utf-8")
+        standalone = license_paragraph(text, source.notice.split(":", 1)[1])
+        return files_paragraph(text) + (f"\n\n{standalone}" if standalone else "")
+    heading = re.compile(source.notice.split(":", 1)[1])
+    for rel in source.files:
+        if not (root / rel).is_file():
+            continue
+        blocks = html_blocks((root / rel).read_text(encoding="utf-8", errors="replace"))
+        for i, b in enumerate(blocks):
+            if b.tag in HEADINGS and heading.fullmatch(b.text):
+                body = []
+                for after in blocks[i + 1:]:
+                    if after.tag in HEADINGS or after.tag == "hr":
+                        break
+                    body.append(after.text)
+                return b.text + "\n\n" + "\n\n".join(body)
+    raise ValueError(f"{source.name}: no heading {heading.pattern!r} in {source.files}")
+
+
+def write_license(root: Path, path: Path, sources: list[FaqSource], read: dict[str, list[str]], args) -> None:
+    parts = [f"""\
+The text in data/general/faq.jsonl.gz is derived, by scripts/build_faq_pairs.py, from the FAQs below
+(Debian bookworm packages). What we changed: we split each FAQ into its questions and answers,
+removed question numbers, rendered the HTML or AsciiDoc as plain text (navigation left out), left
+out non-question headings, answers under {args.min_answer_chars} characters, duplicates and anything
+overlapping our evaluation sets, and added other answers of the same FAQ as BM25-mined negative
+passages and all-MiniLM-L6-v2 similarity scores. Each FAQ's own notice follows, verbatim.
+"""]
+    for s in sources:
+        parts.append(f"\n\n{s.name}: {', '.join(read[s.name])} (Debian package {s.package})\n"
+                     + "-" * 72 + "\n\n" + license_notice(root, s) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sources", type=Path, default=Path("/"),
+                    help="root under which the packages are extracted (usr/share/doc/...), or /")
+    ap.add_argument("--out", type=Path, default=ROOT / "data" / "general")
+    ap.add_argument("--license", type=Path, default=ROOT / "data" / "LICENSE-faq.txt")
+    ap.add_argument("--eval", type=Path, nargs="*", default=[ROOT / d for d in DEFAULT_EVAL],
+                    help="BEIR folders whose queries and documents no pair may overlap (missing ones are skipped)")
+    ap.add_argument("--min-answer-chars", type=int, default=40)
+    ap.add_argument("--num-neg", type=int, default=7)
+    ap.add_argument("--neg-ranks", type=int, nargs=2, default=(2, 30), metavar=("FIRST", "LAST"),
+                    help="BM25 ranks (1-based, positive included) that negatives are taken from")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", default="minilm", help="sentence-transformers folder, or 'minilm' (packaged)")
+    ap.add_argument("--no-teacher", action="store_true", help="leave out pos_scores/neg_scores")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the teacher")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    t0 = time.perf_counter()
+
+    eval_texts, used, missing = load_eval_texts(args.eval)
+    detector = LeakDetector([t for _, _, t in eval_texts]) if eval_texts else None
+    stats: dict = {"eval_sets": {"checked": used, "missing": missing, "texts": len(eval_texts)}, "sources": {}}
+    if not args.no_teacher:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        from denselm.assets import minilm_dir
+
+        teacher_dir = minilm_dir() if args.teacher == "minilm" else Path(args.teacher)
+    rows, found, read = [], [], {}
+    for source in SOURCES:
+        entries, read[source.name] = read_source(args.sources, source)
+        sstats: dict = {"package": source.package, "files": read[source.name], "entries": len(entries)}
+        stats["sources"][source.name] = sstats
+        if not read[source.name]:
+            logger.warning("%s: none of %s under %s: skipped", source.name, source.files, args.sources)
+            continue
+        found.append(source)
+        pairs = filter_entries(entries, source, detector, eval_texts, args.min_answer_chars, sstats)
+        sstats["kept"] = len(pairs)
+        logger.info("%s: %d entries, %d kept (dropped: %s)", source.name, len(entries), len(pairs), sstats["dropped"])
+        if len(pairs) < 2:
+            continue
+        num_neg = min(args.num_neg, len(pairs) - 1)
+        mining = [Pair(p.kind, f"{p.query} {p.passage}", p.passage, p.source) for p in pairs]
+        negatives = mine_bm25_negatives(mining, num_neg, args.neg_ranks[0], args.neg_ranks[1], args.seed, sstats)
+        scores = None if args.no_teacher else teacher_scores(teacher_dir, pairs, negatives)
+        for k, (p, negs) in enumerate(zip(pairs, negatives)):
+            row = {"query": p.query, "pos": [p.passage], "neg": negs}
+            if scores is not None:
+                row["pos_scores"], row["neg_scores"] = scores[0][k], scores[1][k]
+            row["prompt"] = PROMPT.format(topic=source.topic)
+            rows.append(row)
+    if not rows:
+        logger.error("no FAQ found under %s (extract the packages listed in the docstring there)", args.sources)
+        return 1
+    write_license(args.sources, args.license, found, read, args)
+    path = args.out / "faq.jsonl.gz"
+    stats["file"] = {"path": _shown(path), "lines": len(rows), "bytes": write_jsonl(path, rows)}
+    stats["license"] = _shown(args.license)
+    stats["teacher"] = None if args.no_teacher else args.teacher
+    (args.out / "faq-stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    logger.info("wrote %d pairs to %s in %.0f s", len(rows), path, time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
