@@ -1,48 +1,55 @@
-"""Build question -> answer training pairs for denselm from the FAQs that Debian's documentation packages ship.
+"""Build question -> answer training pairs for denselm from the FAQs that Debian's packages ship.
 
-    cd /tmp/faq && apt-get download r-doc-html zsh-doc fetchmail sqlite3-doc git-doc \\
-        && for f in *.deb; do dpkg-deb -x "$f" root; done
+    cd /tmp/faq && apt-get download r-doc-html zsh-doc fetchmail sqlite3-doc git-doc lsof sed zlib1g-dev \
+        valgrind && for f in *.deb; do dpkg-deb -x "$f" root; done
     python scripts/build_faq_pairs.py --sources /tmp/faq/root   # or --sources / when the packages are installed
+    python scripts/build_faq_pairs.py --sources /tmp/faq/root / # several roots: each FAQ from the first that has it
     python scripts/build_faq_pairs.py --no-teacher             # skip the all-MiniLM-L6-v2 scores
 
 Why: both evaluation tasks of ``denselm demo`` (data/pyfaq, data/perlfaq) ask FAQ questions
 ("How do I ...?", "Why does ...?") of answer paragraphs, while the other training pairs are headings,
 API entries and dictionary definitions. These FAQs are real questions with their authors' answers,
-about five other programs, so they teach the question -> answer form without the evaluation's domain.
+about nine other programs, so they teach the question -> answer form without the evaluation's domain.
 
-What it reads (one FAQ per source in SOURCES, under --sources): the R FAQ (``r-doc-html``, texinfo
-HTML, questions are numbered ``<h3>``/``<h4>`` headings), the Z shell FAQ (``zsh-doc``, six HTML
-chapters, numbered ``<h2>``), the fetchmail FAQ (``fetchmail``, ``<h2>`` headings ``G1. ...``),
-SQLite's FAQ (``sqlite3-doc``, ``<p><b>(N) question</b></p>``) and gitfaq(7) (``git-doc``,
-AsciiDoc ``question?::`` entries). A question is a question element whose text, without its number,
-ends with "?" or starts with a question word (How, What, Why, Can, I ...); its answer is the text of
-the blocks that follow up to the next question or heading of the same or a higher level, rendered
-as plain text (paragraphs joined by a blank line, ``<pre>`` kept verbatim, navigation panels left out).
+What it reads (one FAQ per source in SOURCES, under --sources): HTML: the R FAQ (``r-doc-html``,
+texinfo HTML, numbered ``<h3>``/``<h4>`` headings), the Z shell FAQ (``zsh-doc``, six chapters,
+numbered ``<h2>``), the fetchmail FAQ (``fetchmail``, ``<h2>`` headings ``G1. ...``), SQLite's FAQ
+(``sqlite3-doc``, ``<p><b>(N) question</b></p>``); AsciiDoc: gitfaq(7) (``git-doc``, ``question?::``
+entries); plain text with numbered questions: lsof's 00FAQ (``lsof``), the sed FAQ (``sed``), the zlib
+FAQ (``zlib1g-dev``) and the Valgrind FAQ (``valgrind``). Where a FAQ mixes plain section titles with
+its questions (R, zsh, lsof, sed), only entries whose text, without its number, ends with "?" or
+starts with a question word (How, What, Why, Can, I ...) are kept; in the others every entry is a FAQ
+item ("compress() returns Z_BUF_ERROR."). An answer is the text up to the next question or a heading
+of the same or a higher level, as plain text (paragraphs joined by a blank line, ``<pre>`` and
+listings kept verbatim, navigation panels, menus and page footers left out).
 
 What it writes (under --out, default ``data/general/``), in denselm's training JSONL
 (``{"query", "pos": [answer], "neg": [7 answers], "pos_scores", "neg_scores", "prompt"}``):
-  faq.jsonl.gz    every kept pair of every source; prompt "Given a question about <topic>, retrieve
-                  the passage that answers it" (the demo's evaluation instruction with the source's topic)
-  faq-stats.json  per source: questions found, kept, dropped (and why), leak examples, file sizes.
+  faq.jsonl.gz    the kept pairs of every FAQ; prompt "Given a question about <topic>, retrieve the
+                  passage that answers it" (the demo's evaluation instruction with the FAQ's topic)
+  faq-stats.json  per FAQ: entries found, kept, sampled, dropped (and why), leak examples.
 
-How: answers under --min-answer-chars (40) and non-question headings are dropped; pairs whose
-question or answer leaks into an evaluation set are dropped (build_wordnet_pairs' rule: more than half
-of the smaller text's word 8-grams shared with one query or document of the --eval folders);
-duplicate questions and answers are dropped (normalized_text). Hard negatives: BM25 over the same
-source's answers, ranks 2-30, queried with question + answer (7 a pair; a source with fewer answers
-gives fewer), never an answer equal to the positive; teacher scores from all-MiniLM-L6-v2. The gzip
-file is byte-for-byte reproducible.
+How: answers under --min-answer-chars (40) are dropped; pairs whose question or answer leaks into an
+evaluation set are dropped (build_wordnet_pairs' rule: more than half of the smaller text's word
+8-grams shared with one query or document of the --eval folders); duplicate questions and answers
+are dropped (normalized_text); a FAQ with more than --max-per-source (150) pairs keeps a seeded
+sample (lsof's has 295). Hard negatives: BM25 over the same FAQ's answers, ranks 2-30, queried with
+question + answer (7 a pair), never an answer equal to the positive; teacher scores from
+all-MiniLM-L6-v2. The gzip file is byte-for-byte reproducible.
 
-Licences (written to data/LICENSE-faq.txt with each notice quoted from the package): R FAQ GPL-2+,
-Z shell FAQ (P.W. Stephenson's permission notice), fetchmail FAQ GPL-2+, SQLite public domain,
-gitfaq GPL-2.
+Licences (written to data/LICENSE-faq.txt, each notice quoted from the FAQ itself or its package's
+Debian copyright file): R FAQ GPL-2+, Z shell FAQ (P.W. Stephenson's permission notice), fetchmail
+GPL-2+, SQLite public domain, gitfaq GPL-2, lsof Purdue (permissive, altered versions marked as
+such: the notice file says what we changed), sed GPL-3+, zlib Zlib, Valgrind GPL-2+.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
+import random
 import re
 import sys
 import time
@@ -84,11 +91,11 @@ class FaqSource:
     files: tuple[str, ...]
     """paths under --sources, read in this order (the first existing one of ``alternatives`` each)"""
     kind: str
-    """html or asciidoc"""
+    """html, asciidoc or text"""
     question_tags: frozenset[str] = frozenset()
     """html: the block elements that can hold a question"""
     number: str = ""
-    """regex of the question's number prefix, removed from the query"""
+    """regex of the question's number prefix, removed from the query (text: group 1 is the number)"""
     questions_only: bool = False
     """keep only headings that read as questions (the FAQ also has plain section titles: "Legalese")"""
     bold_only: bool = False
@@ -116,6 +123,18 @@ SOURCES = (
               notice="debian:public-domain"),
     FaqSource("gitfaq", "git-doc", "Git", ("usr/share/doc/git-doc/gitfaq.txt",), "asciidoc",
               copyright="usr/share/doc/git-doc/copyright", notice="debian:GPL-2"),
+    # plain-text FAQs: a question is a line starting at column 0 (zlib: 1-2 spaces) with its number
+    FaqSource("lsof-faq", "lsof", "lsof", ("usr/share/doc/lsof/00FAQ.gz",), "text",
+              number=r"(\d+(?:\.\d+)+)[ \t]+", questions_only=True,
+              copyright="usr/share/doc/lsof/copyright", notice="debian:Purdue"),
+    FaqSource("sed-faq", "sed", "sed", ("usr/share/doc/sed/sedfaq.txt.gz",), "text",
+              number=r"(\d+(?:\.\d+)+)\.[ \t]+", questions_only=True,
+              copyright="usr/share/doc/sed/copyright", notice="debian:GPL-3+"),
+    FaqSource("zlib-faq", "zlib1g-dev", "zlib", ("usr/share/doc/zlib1g-dev/FAQ.gz",), "text",
+              number=r" {0,2}(\d+)\.[ \t]+", copyright="usr/share/doc/zlib1g-dev/copyright", notice="debian:Zlib"),
+    FaqSource("valgrind-faq", "valgrind", "Valgrind", ("usr/share/doc/valgrind/FAQ.txt.gz",), "text",
+              number=r"(\d+\.\d+)\.[ \t]+", copyright="usr/share/doc/valgrind/copyright",
+              notice="debian:GPL-2.0+"),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +329,52 @@ def asciidoc_entries(text: str, file: str) -> list[dict]:
     return out
 
 
+TEXT_RULE = re.compile(r"^\s*[-_*=~]{10,}\s*$")
+CAPS_HEADING = re.compile(r"^\s*[A-Z][A-Z0-9 ,/&()-]*[A-Z]\s*$")
+
+
+def text_entries(text: str, source: FaqSource, file: str) -> list[dict]:
+    """Numbered questions of a plain-text FAQ (lsof, sed, zlib, Valgrind).
+
+    A question starts at a line matching ``source.number`` and runs over following lines (at most
+    three) until one ends with "?" or ":" or a blank line comes (Valgrind's answers follow their
+    question without one). The answer is everything up to the next question or a rule line
+    (``-----``), dedented, with runs of blank lines made one. A number seen twice (the table of
+    contents, then the body) marks where the body starts: entries before it are the contents'
+    (sed's contents are numbered differently from its body, so only position tells them apart).
+    """
+    number = re.compile(source.number)
+    lines = text.splitlines()
+    starts = [(i, m) for i, line in enumerate(lines) if (m := number.match(line))]
+    seen: set[str] = set()
+    for k, (i, m) in enumerate(starts):
+        if m.group(1) in seen:  # the body repeats the table of contents from here on
+            starts = starts[k:]
+            break
+        seen.add(m.group(1))
+    all_starts = sorted(i for i, _ in starts) + [len(lines)]
+    entries = []
+    for (i, m), end in zip(starts, all_starts[1:]):
+        question = [lines[i][m.end():].strip()]
+        j = i + 1
+        while (j < end and len(question) < 3 and lines[j].strip() and not question[-1].endswith(("?", ":"))
+               and not TEXT_RULE.match(lines[j])):
+            question.append(lines[j].strip())
+            j += 1
+        body = []
+        for line in lines[j:end]:
+            if TEXT_RULE.match(line):
+                break
+            body.append(line.rstrip())
+        while body and (not body[-1].strip() or CAPS_HEADING.match(body[-1])):
+            body.pop()  # blank lines, and a section title in capitals that belongs to what follows
+        indents = [len(l) - len(l.lstrip()) for l in body if l.strip()]
+        cut = min(indents, default=0)
+        answer = re.sub(r"\n{3,}", "\n\n", "\n".join(l[cut:] for l in body)).strip("\n")
+        entries.append({"question": " ".join(question), "answer": answer, "source": f"{file}:{i + 1}"})
+    return entries
+
+
 def read_source(root: Path, source: FaqSource) -> tuple[list[dict], list[str]]:
     """(entries of every file of the source, the files read)."""
     entries, read = [], []
@@ -318,10 +383,13 @@ def read_source(root: Path, source: FaqSource) -> tuple[list[dict], list[str]]:
         if not path.is_file():
             continue
         read.append(rel)
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8", errors="replace")
         name = Path(rel).name
         if source.kind == "html":
             entries += html_entries(html_blocks(text), source, name)
+        elif source.kind == "text":
+            entries += text_entries(text, source, name)
         else:
             entries += asciidoc_entries(text, name)
     return entries, read
@@ -408,18 +476,18 @@ def license_notice(root: Path, source: FaqSource) -> str:
     raise ValueError(f"{source.name}: no heading {heading.pattern!r} in {source.files}")
 
 
-def write_license(root: Path, path: Path, sources: list[FaqSource], read: dict[str, list[str]], args) -> None:
+def write_license(roots: dict[str, Path], path: Path, sources: list[FaqSource], read: dict[str, list[str]], args) -> None:
     parts = [f"""\
 The text in data/general/faq.jsonl.gz is derived, by scripts/build_faq_pairs.py, from the FAQs below
 (Debian bookworm packages). What we changed: we split each FAQ into its questions and answers,
 removed question numbers, rendered the HTML or AsciiDoc as plain text (navigation left out), left
 out non-question headings, answers under {args.min_answer_chars} characters, duplicates and anything
-overlapping our evaluation sets, and added other answers of the same FAQ as BM25-mined negative
+overlapping our evaluation sets, kept a seeded sample of at most {args.max_per_source} pairs per FAQ, and added other answers of the same FAQ as BM25-mined negative
 passages and all-MiniLM-L6-v2 similarity scores. Each FAQ's own notice follows, verbatim.
 """]
     for s in sources:
         parts.append(f"\n\n{s.name}: {', '.join(read[s.name])} (Debian package {s.package})\n"
-                     + "-" * 72 + "\n\n" + license_notice(root, s) + "\n")
+                     + "-" * 72 + "\n\n" + license_notice(roots[s.name], s) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(parts), encoding="utf-8")
 
@@ -431,8 +499,12 @@ passages and all-MiniLM-L6-v2 similarity scores. Each FAQ's own notice follows, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sources", type=Path, default=Path("/"),
-                    help="root under which the packages are extracted (usr/share/doc/...), or /")
+    ap.add_argument("--sources", type=Path, nargs="+", default=[Path("/")],
+                    help="roots under which the packages are extracted (usr/share/doc/...), or /; each FAQ is "
+                         "taken from the first root that has it")
+    ap.add_argument("--max-per-source", type=int, default=150,
+                    help="keep at most this many pairs of one FAQ (a seeded sample, in file order), so that no "
+                         "single program dominates")
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "general")
     ap.add_argument("--license", type=Path, default=ROOT / "data" / "LICENSE-faq.txt")
     ap.add_argument("--eval", type=Path, nargs="*", default=[ROOT / d for d in DEFAULT_EVAL],
@@ -460,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
         teacher_dir = minilm_dir() if args.teacher == "minilm" else Path(args.teacher)
     rows, found, read = [], [], {}
+    roots: dict[str, Path] = {}
     for source in SOURCES:
-        entries, read[source.name] = read_source(args.sources, source)
+        root = next((r for r in args.sources if any((r / f).is_file() for f in source.files)), args.sources[0])
+        roots[source.name] = root
+        entries, read[source.name] = read_source(root, source)
         sstats: dict = {"package": source.package, "files": read[source.name], "entries": len(entries)}
         stats["sources"][source.name] = sstats
         if not read[source.name]:
@@ -470,7 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         found.append(source)
         pairs = filter_entries(entries, source, detector, eval_texts, args.min_answer_chars, sstats)
         sstats["kept"] = len(pairs)
-        logger.info("%s: %d entries, %d kept (dropped: %s)", source.name, len(entries), len(pairs), sstats["dropped"])
+        if len(pairs) > args.max_per_source:
+            chosen = sorted(random.Random(f"{args.seed}:{source.name}").sample(range(len(pairs)), args.max_per_source))
+            pairs = [pairs[k] for k in chosen]
+        sstats["sampled"] = len(pairs)
+        logger.info("%s: %d entries, %d kept, %d sampled (dropped: %s)", source.name, len(entries), sstats["kept"],
+                    len(pairs), sstats["dropped"])
         if len(pairs) < 2:
             continue
         num_neg = min(args.num_neg, len(pairs) - 1)
@@ -484,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
             row["prompt"] = PROMPT.format(topic=source.topic)
             rows.append(row)
     if not rows:
-        logger.error("no FAQ found under %s (extract the packages listed in the docstring there)", args.sources)
+        logger.error("no FAQ found under %s (extract the packages listed in the docstring there)",
+                     ", ".join(map(str, args.sources)))
         return 1
-    write_license(args.sources, args.license, found, read, args)
+    write_license(roots, args.license, found, read, args)
     path = args.out / "faq.jsonl.gz"
     stats["file"] = {"path": _shown(path), "lines": len(rows), "bytes": write_jsonl(path, rows)}
     stats["license"] = _shown(args.license)

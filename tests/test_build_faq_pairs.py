@@ -108,6 +108,30 @@ def test_gitfaq_asciidoc_listings_links_and_section_titles():
     assert e["What should I put in user.name?"]["source"] == "gitfaq.txt:23"
 
 
+def test_text_faqs_skip_contents_wrap_questions_and_dedent():
+    lsof = _entries("lsof-faq")
+    assert lsof["Lsof -- what is it?"]["source"] == "00FAQ.gz:40"  # the body, not the contents' line 22
+    assert lsof["Lsof -- what is it?"]["answer"].startswith("Lsof is a UNIX-specific tool.  Its name stands for LiSt\nOpen")
+    assert lsof["General Concepts"]["answer"] == ""  # a section title: dropped later (not a question, no answer)
+    sed = _entries("sed-faq")
+    # the contents number this 4.33 and the body 4.32: only the body's entry is read
+    assert "How do I handle shell quoting in sed?" not in sed
+    assert sed["How do I handle Unix shell quoting in sed?"]["source"] == "sedfaq.txt.gz:105"
+    # the capitals title of the next section is not part of this answer
+    assert sed["How do I handle Unix shell quoting in sed?"]["answer"].endswith("sed 's/C:\\\\DOS/D:\\\\DOS/g' config.sys")
+    zlib = _entries("zlib-faq")
+    q = ("The match.asm code in contrib is under the GNU General Public License. Since it's part of zlib, "
+         "doesn't that mean that all of zlib falls under the GNU GPL?")
+    assert zlib[q]["answer"].startswith("No.  The files in contrib are not part of zlib.")
+    assert zlib["compress() returns Z_BUF_ERROR."]["answer"].startswith("Make sure that before the call of compress()")
+    valgrind = _entries("valgrind-faq")
+    # no blank line between question and answer: the question ends at its "?"
+    assert valgrind['How do you pronounce "Valgrind"?']["answer"].startswith('The "Val" as in the word "value".')
+    make = valgrind["When building Valgrind, 'make' dies partway with an assertion failure, something like this:"]
+    assert make["answer"].startswith("    % make: expand.c:489")  # code keeps its indent relative to the text
+    assert all("-----" not in e["answer"] for e in valgrind.values())
+
+
 def test_question_detection():
     for text in ("What is R?", "How do I do X", "I want to make fetchmail remove kept mail.", "Is it?",
                  "In which startup file do I put...?"):
@@ -135,18 +159,19 @@ def test_build_writes_pairs_with_source_prompts_and_licences(tmp_path):
     assert any(q.startswith("Linux logs") for q in by_query)
     assert stats["file"]["lines"] == len(rows) == sum(s["kept"] for s in stats["sources"].values())
     prompts = {r["prompt"] for r in rows}
-    assert len(prompts) == 5
+    assert len(prompts) == 9
     answers_of = {}
     for row in rows:
         answers_of.setdefault(row["prompt"], set()).add(row["pos"][0])
     for row in rows:
         assert set(row) == {"query", "pos", "neg", "prompt"}
-        assert len(row["neg"]) == 2 and row["pos"][0] not in row["neg"]
+        assert len(row["neg"]) == min(2, len(answers_of[row["prompt"]]) - 1) and row["pos"][0] not in row["neg"]
         assert set(row["neg"]) <= answers_of[row["prompt"]]  # negatives come from the same FAQ
     licence = (out / "LICENSE").read_text()
     for notice in ("Kurt Hornik", "GNU General Public License", "P.W. Stephenson", "Permission is hereby granted",
                    "Matthias Andree", "GPL-2+ with OpenSSL exception", "put on the public domain",
-                   "Linus Torvalds", "version 2 dated June, 1991"):
+                   "Linus Torvalds", "version 2 dated June, 1991", "Purdue Research Foundation",
+                   "Altered versions must be plainly marked", "Jean-loup Gailly", "Julian Seward", "License: GPL-3+"):
         assert notice in licence, notice
 
 
