@@ -2,6 +2,7 @@
 
     python benchmarks/train_bench.py                      # SmolLM2-135M, both recipes, 3 alternating rounds
     python benchmarks/train_bench.py --recipes demo --reps 5
+    python benchmarks/train_bench.py --recipes demo --layers 4 --variants seed,denselm,denselm-full-mlp
     python benchmarks/train_bench.py --quick              # tiny random model (CI smoke, seconds)
 
 Model: the demo's converted SmolLM2-135M-Instruct folder (all 30 layers unless ``--layers``), or
@@ -18,6 +19,9 @@ Variants:
            hidden state at position -1, one forward per side, plain autograd
   denselm  ``BiEncoderModel`` as training builds it: right-padded collator batch, packed rows
            (padding-free, per-sequence attention), pooled-only last block
+  denselm-full-mlp  the same with the last block's MLP at every token (``--variants``: what the
+           pooled-only MLP saves in training; ``--layers 4`` is the shape of a demo step whose
+           texts the frozen-layer cache already holds: only the 4 LoRA blocks run)
 
 Repetitions alternate the variants on the same batch (one round = each variant once), so load
 from other processes hits both alike; ratios are taken within each round (paired) and reported
@@ -29,6 +33,7 @@ per record; ``--markdown`` also prints the table rows on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -45,6 +50,27 @@ import bench_lib as bl  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"fp32": (torch.float32, "float32 weights, float32 LoRA"),
            "demo": (torch.bfloat16, "frozen bfloat16 weights, float32 LoRA")}
+
+
+VARIANTS = ("seed", "denselm", "denselm-full-mlp")
+
+
+@contextlib.contextmanager
+def full_last_mlp():
+    """denselm's step with the last block's MLP at every token (the pooled-only MLP switched off)."""
+    import denselm.model.speedups.packing as packing_lib
+    from denselm.model import encoder
+
+    @contextlib.contextmanager
+    def no_shortcut(backbone, positions):
+        yield
+
+    saved = encoder.last_mlp_only_at, packing_lib.last_mlp_only_at
+    encoder.last_mlp_only_at = packing_lib.last_mlp_only_at = no_shortcut
+    try:
+        yield
+    finally:
+        encoder.last_mlp_only_at, packing_lib.last_mlp_only_at = saved
 
 
 def load_groups(path: Path, n: int, group: int) -> list[tuple[str, list[str]]]:
@@ -109,12 +135,20 @@ def run_recipe(args, name: str) -> list[dict]:
     device = torch.device("cpu")
 
     def step(variant: str, q, p) -> float:
-        loss = seed.loss(q, p, device) if variant == "seed" else bl.denselm_loss(model, q, p, device)
+        if variant == "seed":
+            loss = seed.loss(q, p, device)
+        elif variant == "denselm-full-mlp":
+            with full_last_mlp():
+                loss = bl.denselm_loss(model, q, p, device)
+        else:
+            loss = bl.denselm_loss(model, q, p, device)
         loss.backward()
         backbone.zero_grad(set_to_none=True)  # no optimizer step: every round starts from the same weights
         return float(loss)
 
-    variants = ("seed", "denselm")
+    variants = tuple(args.variants.split(","))
+    if variants[0] != "seed" or not set(variants) <= set(VARIANTS):
+        raise SystemExit(f"--variants: seed first, then any of {VARIANTS[1:]}; got {args.variants}")
     for v in variants:  # warm-up (allocator, kernels)
         step(v, *batches[0])
     load_before = os.getloadavg()
@@ -164,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="first N layers (default: all)")
     ap.add_argument("--data", default=str(ROOT / "data" / "pytrain" / "sections.jsonl.gz"))
     ap.add_argument("--recipes", default="fp32,demo")
+    ap.add_argument("--variants", default="seed,denselm", help=f"comma-separated, seed first: {', '.join(VARIANTS)}")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--group", type=int, default=4, help="passages per query (1 positive + negatives)")
     ap.add_argument("--query-max-len", type=int, default=64)

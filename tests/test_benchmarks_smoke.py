@@ -84,9 +84,11 @@ def test_encode_bench_quick():
 
 @pytest.mark.timeout(300)
 def test_train_bench_quick():
-    lines = run_script("train_bench.py", "--quick", "--reps", "2")
+    lines = run_script("train_bench.py", "--quick", "--reps", "2", "--variants", "seed,denselm,denselm-full-mlp")
     by = {(r["recipe"], r["variant"]): r for r in lines}
-    assert set(by) == {(r, v) for r in ("fp32", "demo") for v in ("seed", "denselm")}
+    assert set(by) == {(r, v) for r in ("fp32", "demo") for v in ("seed", "denselm", "denselm-full-mlp")}
+    # the pooled-only last MLP changes no loss (same batch, same weights)
+    assert abs(by[("fp32", "denselm")]["max_loss_diff_vs_seed"] - by[("fp32", "denselm-full-mlp")]["max_loss_diff_vs_seed"]) <= 1e-5
     for (recipe, variant), rec in by.items():
         assert rec["threads"] == 2 and rec["model"] == "tiny random" and rec["real_tokens_per_step"] > 0
         lo, hi = rec["tokens_per_s_range"]

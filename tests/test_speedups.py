@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -242,3 +244,77 @@ def test_prefix_cache_serving_restores_the_blocks_on_exception():
     # computing the cached states swaps the blocks above the cut; they are whole again afterwards
     assert cache.misses == 3
     assert not any("forward" in vars(layer) for layer in layers)
+
+
+# ------------------------------------------------------------------ pooled-only MLP in training
+@contextlib.contextmanager
+def _full_mlp(backbone, positions):
+    yield  # the reference: the last MLP at every position
+
+
+def _mlp_rows(backbone) -> tuple[list[int], Callable[[], None]]:
+    """Rows each call of the last block's down projection sees (its input is the MLP's width)."""
+    rows: list[int] = []
+    handle = decoder_layers(backbone)[-1].mlp.down_proj.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return rows, handle.remove
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "frozen-cache"])
+def test_pooled_only_mlp_in_training_keeps_loss_and_gradients(monkeypatch, packed, cached):
+    """With gradients on, the last MLP runs at the pooled tokens only, and the loss and every
+    gradient equal the full computation's (float64, padded and packed, with and without the
+    frozen-layer cache below LoRA blocks)."""
+    base = apply_lora(tiny_backbone(layers=4, dtype=torch.float64), r=4, alpha=8, dropout=0.0,
+                      target_modules="all-linear", top_layers=2)
+    query, _ = random_batch(3, 3, 9, seed=12, padding_side="right")
+    passage, _ = random_batch(6, 4, 14, seed=13, padding_side="left")
+    real_tokens = int(query["attention_mask"].sum() + passage["attention_mask"].sum())
+
+    def run(full: bool):
+        backbone = copy.deepcopy(base)
+        model = BiEncoderModel(model=backbone, normalized=True, temperature=0.05, position_ids="from_zero",
+                               packing=packed, packing_max_tokens=24)
+        if cached:
+            model.enable_prefix_cache(num_frozen=2)
+        model.train()
+        if full:
+            monkeypatch.setattr("denselm.model.encoder.last_mlp_only_at", _full_mlp)
+            monkeypatch.setattr("denselm.model.speedups.packing.last_mlp_only_at", _full_mlp)
+        rows, remove = _mlp_rows(backbone)
+        try:
+            out = model(query=query, passage=passage)
+            out.loss.backward()
+        finally:
+            remove()
+            monkeypatch.undo()
+        return out.loss.detach(), flat_grads(backbone), sum(rows)
+
+    loss, grads, rows = run(full=False)
+    ref_loss, ref_grads, ref_rows = run(full=True)
+    assert rows == 3 + 6  # one row per text: its pooled (last) token
+    assert ref_rows >= real_tokens  # padded: every position, pads too; packed: every real token
+    assert rel_err(loss, ref_loss) <= 1e-12
+    assert rel_err(grads, ref_grads) <= 1e-10
+
+
+def test_pooled_only_mlp_is_off_for_a_checkpointed_last_block():
+    """Checkpointing recomputes the block in backward, outside the scope: the MLP must run in full."""
+    backbone = tiny_backbone("llama", dtype=torch.float64)
+    model = BiEncoderModel(model=backbone, normalized=True, temperature=0.05, position_ids="from_zero")
+    model.gradient_checkpointing_enable()
+    model.train()
+    query, _ = random_batch(2, 2, 7, seed=14)
+    passage, _ = random_batch(4, 3, 9, seed=15)
+    rows, remove = _mlp_rows(backbone)
+    try:
+        model(query=query, passage=passage).loss.backward()
+    finally:
+        remove()
+    assert rows[0] == query["input_ids"].numel()  # the forward at every position of the padded batch
+    with torch.no_grad():  # encoding is never checkpointed: pooled rows only
+        rows, remove = _mlp_rows(backbone)
+        model.encode(query)
+        remove()
+    assert rows == [2]

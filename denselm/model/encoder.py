@@ -315,7 +315,7 @@ class BiEncoderModel(nn.Module):
                 position_ids = self._position_ids(attention_mask)
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
             positions = pooled_positions(attention_mask, self.pooling)
-            with last_mlp_only_at(self._backbone(), positions):  # no_grad: the last MLP at pooled tokens only
+            with last_mlp_only_at(self._backbone(), positions):  # the last MLP at the pooled tokens only
                 out = self._backbone()(**kwargs, return_dict=True, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, D)
             reps = pool(hidden, attention_mask, self.pooling)  # (B, D)

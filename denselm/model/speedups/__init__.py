@@ -6,8 +6,8 @@ Four exact speed-ups (each tested equal to the plain path), one module each:
 - ``packing``: padding-free rows, attention kept inside each sequence (``model.packing``).
 - ``prefix_cache``: the frozen blocks below the LoRA ones computed once per distinct text
   (``train.cache_frozen_layers``).
-- ``pooled_only``: under ``torch.no_grad()`` the last block's MLP runs only at the pooled
-  tokens (automatic with last/first pooling).
+- ``pooled_only``: the last block's MLP runs only at the pooled tokens (automatic with
+  last/first pooling, in encoding and in training unless the last block is checkpointed).
 - gradient caching (``denselm.gradcache``, ``loss.grad_cache``): a big batch's loss and
   gradients at one chunk's activation memory.
 ``common`` holds the one way they change a model: swap an attribute (a block's
@@ -24,7 +24,7 @@ Order of composition, outermost first, in one ``BiEncoderModel`` encoding call:
    with the backbone's config naming the packed kernel (``packing.attention_scope``; the cache
    serves these rows in order);
 5. pooled-only MLP: around each backbone call (a padded batch or a packed row), the last
-   block's MLP restricted to the pooled tokens (``pooled_only.last_mlp_only_at``, no_grad only);
+   block's MLP restricted to the pooled tokens (``pooled_only.last_mlp_only_at``);
 6. the backbone's own forward, then pooling (last, first or mean) and normalisation.
 Every scope restores what it swapped on exit, also on exceptions, so the layers leave the
 backbone as they found it.
@@ -58,7 +58,7 @@ class Setting:
 SPEEDUPS = (
     Setting("packing", "packing", "`model.packing: true`"),
     Setting("frozen_cache", "frozen-layer cache", "`train.cache_frozen_layers: true`"),
-    Setting("pooled_only", "pooled-only MLP", "automatic: no_grad, last/first pooling"),
+    Setting("pooled_only", "pooled-only MLP", "automatic: last/first pooling, not with a checkpointed last block"),
     Setting("grad_cache", "gradient cache", "`loss.grad_cache: true`"),
 )
 OTHER_SETTINGS = (
@@ -149,14 +149,14 @@ COMBINATIONS: dict[tuple[str, str], Cell] = {
     ("packing", "last"): _ok(),
     ("packing", "first"): _ok(),
     ("packing", "mean"): _ok(),
-    ("frozen_cache", "pooled_only"): _ok("yes: evaluation during training"),
+    ("frozen_cache", "pooled_only"): _ok("yes: the top block of each step"),
     ("frozen_cache", "grad_cache"): _ok("yes: per chunk"),
     ("frozen_cache", "end_aligned"): Cell(False, "no, unless packing", FROM_ZERO_RULE),
     ("frozen_cache", "from_zero"): _ok(),
     ("frozen_cache", "last"): _ok(),
     ("frozen_cache", "first"): _ok(),
     ("frozen_cache", "mean"): _ok(),
-    ("pooled_only", "grad_cache"): _ok("yes: the no-graph pass only"),
+    ("pooled_only", "grad_cache"): _ok("yes: both passes"),
     ("pooled_only", "end_aligned"): _ok(),
     ("pooled_only", "from_zero"): _ok(),
     ("pooled_only", "last"): _ok(),

@@ -412,7 +412,7 @@ def forward_packed(backbone: nn.Module, packed: PackedBatch) -> torch.Tensor:
 def encode_packed(backbone: nn.Module, packed: PackedBatch, pooling: str = "last") -> torch.Tensor:
     """(N, D) pooled hidden states of one packed row."""
     positions = packed_positions(packed.cu_seqlens.to(packed.input_ids.device), packed.num_tokens, pooling)
-    with last_mlp_only_at(backbone, positions):  # a no-op when gradients are enabled
+    with last_mlp_only_at(backbone, positions):  # a no-op for a checkpointed last block in training
         hidden = forward_packed(backbone, packed)  # (1, total, D)
     return pool_packed(hidden, packed.cu_seqlens, pooling)
 

@@ -1,4 +1,4 @@
-"""Inference shortcut: the last block's MLP only at the tokens that are pooled.
+"""The last block's MLP only at the tokens that are pooled.
 
 With last-token (or first-token) pooling, the output of the last block is read
 at one position per sequence, and nothing after the last block mixes positions
@@ -6,11 +6,16 @@ at one position per sequence, and nothing after the last block mixes positions
 keys and values, which come from the block's *input*, but its MLP, the biggest
 matmuls of a block (e.g. 73% of the CPU benchmark model's linear FLOPs), is only
 needed at the pooled tokens.  Computing it there alone removes up to
-``mlp_share / num_layers`` of the work (18% for a 4-layer model, 2% for 32).
+``mlp_share / num_layers`` of the work (18% for a 4-layer model, 2% for 32; in
+training with the frozen-layer cache, where only the top LoRA blocks run, it is
+``mlp_share / top_layers``: about 17% of a cached step of the demo's 4 blocks).
 
-Only under ``torch.no_grad()`` (encoding, evaluation): the other positions of the
-last hidden state are left at the MLP's residual input, so the context must not
-be used where anything but the pooled rows is read.
+Encoding and training alike: the other positions of the last hidden state are
+left at the MLP's residual input, and nothing reads them (the pooling reads the
+pooled rows, the loss reads the pooling), so the embeddings and every gradient
+are those of the full computation.  Not when the last block is gradient-
+checkpointed in training: its recompute in backward would run the MLP outside
+this scope, at every position, and no longer match what the forward saved.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ def _last_mlp(backbone: nn.Module) -> nn.Module | None:
     return getattr(layers[-1], "mlp", None) if len(layers) else None
 
 
+def _last_block_checkpointed(backbone: nn.Module) -> bool:
+    """The last block recomputes its forward in backward (transformers' gradient checkpointing)."""
+    block = decoder_layers(backbone)[-1]
+    return bool(getattr(block, "gradient_checkpointing", False)) and block.training
+
+
 @contextlib.contextmanager
 def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
     """Within the context the last block's MLP runs only where ``positions`` (b, t) bool is True.
@@ -41,7 +52,7 @@ def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
     the shortcut can only ever save work, never change a pooled value.
     """
     mlp = _last_mlp(backbone) if positions is not None else None
-    if mlp is None or torch.is_grad_enabled():
+    if mlp is None or (torch.is_grad_enabled() and _last_block_checkpointed(backbone)):
         yield
         return
     original = mlp.forward  # the class's forward, bound
