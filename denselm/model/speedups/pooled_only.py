@@ -6,9 +6,10 @@ at one position per sequence, and nothing after the last block mixes positions
 keys and values, which come from the block's *input*, but its MLP, the biggest
 matmuls of a block (e.g. 73% of the CPU benchmark model's linear FLOPs), is only
 needed at the pooled tokens.  Computing it there alone removes up to
-``mlp_share / num_layers`` of the work (18% for a 4-layer model, 2% for 32; in
-training with the frozen-layer cache, where only the top LoRA blocks run, it is
-``mlp_share / top_layers``: about 17% of a cached step of the demo's 4 blocks).
+``mlp_share / num_layers`` of the FLOPs (18% for a 4-layer model, 2% for 32).  In
+training it measured less than that share: 1.02x on the 4 LoRA blocks of a cached demo
+step (``benchmarks/train_bench.py --recipes demo --layers 4 --variants
+seed,denselm,denselm-full-mlp``: 2,777 vs 2,711 real tokens/s, ranges overlapping).
 
 Encoding and training alike: the other positions of the last hidden state are
 left at the MLP's residual input, and nothing reads them (the pooling reads the
