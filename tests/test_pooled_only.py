@@ -1,6 +1,8 @@
-"""The last block's MLP at the pooled tokens only (no_grad encoding) gives the same embeddings."""
+"""The last block's MLP at the pooled tokens only gives the same embeddings as the full last block."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -23,17 +25,24 @@ def mlp_rows(model) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("pooling", ["last", "first"])
 @pytest.mark.parametrize("packing", [False, True])
-def test_shortcut_matches_the_full_last_block(arch, padding_side, pooling, packing):
+def test_shortcut_matches_the_full_last_block(monkeypatch, arch, padding_side, pooling, packing):
     model = BiEncoderModel(model=tiny_backbone(arch, dtype=torch.float64, layers=3), normalized=True,
                            pooling=pooling, position_ids="from_zero", packing=packing)
     batch, _ = random_batch(6, 2, 15, seed=3, padding_side=padding_side)
     seen = mlp_rows(model)
-    with torch.enable_grad():  # gradients on: the whole last block runs
-        full = model.encode(batch).detach()
+
+    @contextlib.contextmanager
+    def full_mlp(backbone, positions):
+        yield  # the reference: the whole last block
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr("denselm.model.encoder.last_mlp_only_at", full_mlp)
+        patch.setattr("denselm.model.speedups.packing.last_mlp_only_at", full_mlp)
+        full = model.encode(batch)
     with torch.no_grad():
         fast = model.encode(batch)
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-12)
-    # the full pass fed every token to the MLP, the no_grad pass one row per sequence
+    # the full pass fed every token to the MLP, the shortcut one row per sequence
     total = int(batch["attention_mask"].sum())
     assert seen[0] in ((6, batch["input_ids"].shape[1]), (1, total))
     assert seen[1] == (6,)
