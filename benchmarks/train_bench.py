@@ -33,7 +33,6 @@ per record; ``--markdown`` also prints the table rows on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import os
@@ -55,22 +54,10 @@ RECIPES = {"fp32": (torch.float32, "float32 weights, float32 LoRA"),
 VARIANTS = ("seed", "denselm", "denselm-full-mlp")
 
 
-@contextlib.contextmanager
-def full_last_mlp():
-    """denselm's step with the last block's MLP at every token (the pooled-only MLP switched off)."""
-    import denselm.model.speedups.packing as packing_lib
-    from denselm.model import encoder
+def full_last_block():
+    from denselm.model.speedups.pooled_only import full_last_block as switched_off
 
-    @contextlib.contextmanager
-    def no_shortcut(backbone, positions):
-        yield
-
-    saved = encoder.last_mlp_only_at, packing_lib.last_mlp_only_at
-    encoder.last_mlp_only_at = packing_lib.last_mlp_only_at = no_shortcut
-    try:
-        yield
-    finally:
-        encoder.last_mlp_only_at, packing_lib.last_mlp_only_at = saved
+    return switched_off()
 
 
 def load_groups(path: Path, n: int, group: int) -> list[tuple[str, list[str]]]:
@@ -138,7 +125,7 @@ def run_recipe(args, name: str) -> list[dict]:
         if variant == "seed":
             loss = seed.loss(q, p, device)
         elif variant == "denselm-full-mlp":
-            with full_last_mlp():
+            with full_last_block():
                 loss = bl.denselm_loss(model, q, p, device)
         else:
             loss = bl.denselm_loss(model, q, p, device)

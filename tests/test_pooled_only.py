@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from denselm import BiEncoderModel
 from denselm.model.backbone import decoder_layers
+from denselm.model.speedups.pooled_only import full_last_block
 
 from tiny_models import random_batch, tiny_backbone
 
@@ -25,19 +25,12 @@ def mlp_rows(model) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("pooling", ["last", "first"])
 @pytest.mark.parametrize("packing", [False, True])
-def test_shortcut_matches_the_full_last_block(monkeypatch, arch, padding_side, pooling, packing):
+def test_shortcut_matches_the_full_last_block(arch, padding_side, pooling, packing):
     model = BiEncoderModel(model=tiny_backbone(arch, dtype=torch.float64, layers=3), normalized=True,
                            pooling=pooling, position_ids="from_zero", packing=packing)
     batch, _ = random_batch(6, 2, 15, seed=3, padding_side=padding_side)
     seen = mlp_rows(model)
-
-    @contextlib.contextmanager
-    def full_mlp(backbone, positions):
-        yield  # the reference: the whole last block
-
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr("denselm.model.encoder.last_mlp_only_at", full_mlp)
-        patch.setattr("denselm.model.speedups.packing.last_mlp_only_at", full_mlp)
+    with full_last_block(), torch.no_grad():  # the reference: the whole last block
         full = model.encode(batch)
     with torch.no_grad():
         fast = model.encode(batch)

@@ -19,7 +19,7 @@ from denselm.model import speedups
 from denselm.model.backbone import apply_lora, decoder_layers
 from denselm.model.speedups import packing
 from denselm.model.speedups.common import SharedSwitch, swapped, swapped_forwards
-from denselm.model.speedups.pooled_only import last_mlp_only_at, pooled_positions
+from denselm.model.speedups.pooled_only import full_last_block, last_mlp_only_at, pooled_positions
 
 from equivalence import flat_grads, rel_err
 from tiny_models import random_batch, tiny_backbone
@@ -247,11 +247,6 @@ def test_prefix_cache_serving_restores_the_blocks_on_exception():
 
 
 # ------------------------------------------------------------------ pooled-only MLP in training
-@contextlib.contextmanager
-def _full_mlp(backbone, positions):
-    yield  # the reference: the last MLP at every position
-
-
 def _mlp_rows(backbone) -> tuple[list[int], Callable[[], None]]:
     """Rows each call of the last block's down projection sees (its input is the MLP's width)."""
     rows: list[int] = []
@@ -262,7 +257,7 @@ def _mlp_rows(backbone) -> tuple[list[int], Callable[[], None]]:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cached", [False, True], ids=["plain", "frozen-cache"])
-def test_pooled_only_mlp_in_training_keeps_loss_and_gradients(monkeypatch, packed, cached):
+def test_pooled_only_mlp_in_training_keeps_loss_and_gradients(packed, cached):
     """With gradients on, the last MLP runs at the pooled tokens only, and the loss and every
     gradient equal the full computation's (float64, padded and packed, with and without the
     frozen-layer cache below LoRA blocks)."""
@@ -279,16 +274,13 @@ def test_pooled_only_mlp_in_training_keeps_loss_and_gradients(monkeypatch, packe
         if cached:
             model.enable_prefix_cache(num_frozen=2)
         model.train()
-        if full:
-            monkeypatch.setattr("denselm.model.encoder.last_mlp_only_at", _full_mlp)
-            monkeypatch.setattr("denselm.model.speedups.packing.last_mlp_only_at", _full_mlp)
         rows, remove = _mlp_rows(backbone)
         try:
-            out = model(query=query, passage=passage)
-            out.loss.backward()
+            with full_last_block() if full else contextlib.nullcontext():
+                out = model(query=query, passage=passage)
+                out.loss.backward()
         finally:
             remove()
-            monkeypatch.undo()
         return out.loss.detach(), flat_grads(backbone), sum(rows)
 
     loss, grads, rows = run(full=False)

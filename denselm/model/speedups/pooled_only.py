@@ -44,6 +44,20 @@ def _last_block_checkpointed(backbone: nn.Module) -> bool:
     return bool(getattr(block, "gradient_checkpointing", False)) and block.training
 
 
+_switched_off = 0  # > 0 inside full_last_block(): the shortcut is a no-op
+
+
+@contextlib.contextmanager
+def full_last_block():
+    """Within the context the last block runs in full (the reference the shortcut is measured against)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
 @contextlib.contextmanager
 def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
     """Within the context the last block's MLP runs only where ``positions`` (b, t) bool is True.
@@ -53,7 +67,7 @@ def last_mlp_only_at(backbone: nn.Module, positions: torch.Tensor | None):
     the shortcut can only ever save work, never change a pooled value.
     """
     mlp = _last_mlp(backbone) if positions is not None else None
-    if mlp is None or (torch.is_grad_enabled() and _last_block_checkpointed(backbone)):
+    if mlp is None or _switched_off or (torch.is_grad_enabled() and _last_block_checkpointed(backbone)):
         yield
         return
     original = mlp.forward  # the class's forward, bound
