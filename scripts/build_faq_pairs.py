@@ -1,7 +1,12 @@
 """Build question -> answer training pairs for denselm from the FAQs that Debian's packages ship.
 
     cd /tmp/faq && apt-get download r-doc-html zsh-doc fetchmail sqlite3-doc git-doc lsof sed zlib1g-dev \
-        valgrind && for f in *.deb; do dpkg-deb -x "$f" root; done
+        valgrind beets-doc borgbackup-doc charliecloud-doc copyq-doc docutils-doc llvm-16-doc lmod-doc \
+        mypy-doc numba-doc oar-doc pelican-doc pybind11-doc pylint-doc python-black-doc python-celery-doc \
+        python-coverage-doc python-cryptography-doc python-dask-doc python-doit-doc python-future-doc \
+        python-h5py-doc python-jinja2-doc python-jsonschema-doc python-ldap-doc python-psycopg2-doc \
+        python-pygments-doc python-pymongo-doc python-requests-doc python-sqlobject-doc apt-listbugs delve \
+        lxd snoopy termshark && for f in *.deb; do dpkg-deb -x "$f" root; done
     python scripts/build_faq_pairs.py --sources /tmp/faq/root   # or --sources / when the packages are installed
     python scripts/build_faq_pairs.py --sources /tmp/faq/root / # several roots: each FAQ from the first that has it
     python scripts/build_faq_pairs.py --no-teacher             # skip the all-MiniLM-L6-v2 scores
@@ -9,19 +14,25 @@
 Why: both evaluation tasks of ``denselm demo`` (data/pyfaq, data/perlfaq) ask FAQ questions
 ("How do I ...?", "Why does ...?") of answer paragraphs, while the other training pairs are headings,
 API entries and dictionary definitions. These FAQs are real questions with their authors' answers,
-about nine other programs, so they teach the question -> answer form without the evaluation's domain.
+about 43 other programs and libraries, so they teach the question -> answer form without the
+evaluation's domain (no Perl, nothing of the Python FAQ: the leak check below).
 
 What it reads (one FAQ per source in SOURCES, under --sources): HTML: the R FAQ (``r-doc-html``,
 texinfo HTML, numbered ``<h3>``/``<h4>`` headings), the Z shell FAQ (``zsh-doc``, six chapters,
 numbered ``<h2>``), the fetchmail FAQ (``fetchmail``, ``<h2>`` headings ``G1. ...``), SQLite's FAQ
 (``sqlite3-doc``, ``<p><b>(N) question</b></p>``); AsciiDoc: gitfaq(7) (``git-doc``, ``question?::``
 entries); plain text with numbered questions: lsof's 00FAQ (``lsof``), the sed FAQ (``sed``), the zlib
-FAQ (``zlib1g-dev``) and the Valgrind FAQ (``valgrind``). Where a FAQ mixes plain section titles with
-its questions (R, zsh, lsof, sed), only entries whose text, without its number, ends with "?" or
+FAQ (``zlib1g-dev``) and the Valgrind FAQ (``valgrind``); reStructuredText (the Sphinx sources that
+documentation packages ship, ``html/_sources/faq.rst.txt``, and Docutils' FAQ.txt): question section
+titles, or Lmod's definition-list questions, of 28 FAQs (BorgBackup, Celery, Dask, LLVM, mypy, ...);
+Markdown: ATX or setext question headings of Black's, apt-listbugs', Delve's, LXD's, Snoopy's and
+termshark's. Where a FAQ mixes plain section titles with its questions (R, zsh, lsof, sed, and every
+reStructuredText and Markdown one), only entries whose text, without its number, ends with "?" or
 starts with a question word (How, What, Why, Can, I ...) are kept; in the others every entry is a FAQ
 item ("compress() returns Z_BUF_ERROR."). An answer is the text up to the next question or a heading
-of the same or a higher level, as plain text (paragraphs joined by a blank line, ``<pre>`` and
-listings kept verbatim, navigation panels, menus and page footers left out).
+of the same or a higher level, as plain text (paragraphs joined by a blank line, ``<pre>``, listings,
+``::`` literal blocks and fenced code kept verbatim, navigation panels, menus, page footers, labels,
+comments and tables of contents left out, roles and links replaced by their text).
 
 What it writes (under --out, default ``data/general/``), in denselm's training JSONL
 (``{"query", "pos": [answer], "neg": [7 answers], "pos_scores", "neg_scores", "prompt"}``):
@@ -34,13 +45,16 @@ evaluation set are dropped (build_wordnet_pairs' rule: more than half of the sma
 8-grams shared with one query or document of the --eval folders); duplicate questions and answers
 are dropped (normalized_text); a FAQ with more than --max-per-source (150) pairs keeps a seeded
 sample (lsof's has 295). Hard negatives: BM25 over the same FAQ's answers, ranks 2-30, queried with
-question + answer (7 a pair), never an answer equal to the positive; teacher scores from
-all-MiniLM-L6-v2. The gzip file is byte-for-byte reproducible.
+question + answer (7 a pair; a FAQ of n < 8 pairs gives n - 1), never an answer equal to the positive;
+teacher scores from all-MiniLM-L6-v2. The gzip file is byte-for-byte reproducible.
 
 Licences (written to data/LICENSE-faq.txt, each notice quoted from the FAQ itself or its package's
 Debian copyright file): R FAQ GPL-2+, Z shell FAQ (P.W. Stephenson's permission notice), fetchmail
 GPL-2+, SQLite public domain, gitfaq GPL-2, lsof Purdue (permissive, altered versions marked as
-such: the notice file says what we changed), sed GPL-3+, zlib Zlib, Valgrind GPL-2+.
+such: the notice file says what we changed), sed GPL-3+, zlib Zlib, Valgrind GPL-2+; the
+reStructuredText and Markdown FAQs: the licence their package's copyright file gives for
+``Files: *`` (BSD, MIT/Expat, Apache-2.0, GPL-2+/3+, AGPL-3, LGPL-2.1+, public domain, the Python
+licence), quoted with its copyright holders. cryptsetup's FAQ (CC BY-SA 3.0, share-alike) is left out.
 """
 
 from __future__ import annotations
@@ -91,7 +105,7 @@ class FaqSource:
     files: tuple[str, ...]
     """paths under --sources, read in this order (the first existing one of ``alternatives`` each)"""
     kind: str
-    """html, asciidoc or text"""
+    """html, asciidoc, text, rst (reStructuredText) or markdown"""
     question_tags: frozenset[str] = frozenset()
     """html: the block elements that can hold a question"""
     number: str = ""
@@ -103,7 +117,8 @@ class FaqSource:
     copyright: str = ""
     """the package's Debian copyright file, for the licence notice"""
     notice: str = ""
-    """where the licence notice is: 'debian:<License name>' (the package's copyright file), or
+    """where the licence notice is: 'debian' (the licence that the package's copyright file names for 'Files: *',
+    or the whole file when it names none), 'debian:<License name>' (that licence of the copyright file), or
     'section:<heading regex>' (the blocks under that heading of the FAQ itself)"""
 
 
@@ -135,6 +150,65 @@ SOURCES = (
     FaqSource("valgrind-faq", "valgrind", "Valgrind", ("usr/share/doc/valgrind/FAQ.txt.gz",), "text",
               number=r"(\d+\.\d+)\.[ \t]+", copyright="usr/share/doc/valgrind/copyright",
               notice="debian:GPL-2.0+"),
+)
+
+
+def _doc_faq(name: str, package: str, topic: str, path: str, kind: str = "rst") -> FaqSource:
+    """A reStructuredText or Markdown FAQ of a documentation package (most are Sphinx ``_sources``);
+    only question titles are kept, the licence is the package's Debian copyright notice."""
+    return FaqSource(name, package, topic, (path,), kind, questions_only=True,
+                     copyright=f"usr/share/doc/{package}/copyright", notice="debian")
+
+
+SPHINX = "html/_sources"
+SOURCES += (
+    _doc_faq("beets-faq", "beets-doc", "beets (a music library manager)", f"usr/share/doc/beets/{SPHINX}/faq.rst.txt"),
+    _doc_faq("borg-faq", "borgbackup-doc", "BorgBackup", f"usr/share/doc/borgbackup/{SPHINX}/faq.rst.txt"),
+    _doc_faq("charliecloud-faq", "charliecloud-doc", "Charliecloud (containers)",
+             f"usr/share/doc/charliecloud/{SPHINX}/faq.rst.txt"),
+    _doc_faq("copyq-faq", "copyq-doc", "CopyQ (a clipboard manager)", f"usr/share/doc/copyq/{SPHINX}/faq.rst.txt"),
+    _doc_faq("docutils-faq", "docutils-doc", "Docutils and reStructuredText", "usr/share/doc/docutils-doc/FAQ.txt"),
+    _doc_faq("llvm-faq", "llvm-16-doc", "LLVM", f"usr/share/doc/llvm-16-doc/{SPHINX}/FAQ.rst.txt"),
+    _doc_faq("lmod-faq", "lmod-doc", "Lmod (environment modules)", f"usr/share/doc/lmod/{SPHINX}/040_FAQ.rst.txt"),
+    _doc_faq("mypy-faq", "mypy-doc", "mypy", f"usr/share/doc/mypy/{SPHINX}/faq.rst.txt"),
+    _doc_faq("numba-faq", "numba-doc", "Numba", f"usr/share/doc/numba-doc/{SPHINX}/user/faq.rst.txt"),
+    FaqSource("oar-faq", "oar-doc", "OAR (a batch scheduler)",
+              tuple(f"usr/share/doc/oar-doc/{SPHINX}/{part}/faq.rst.txt" for part in ("user", "admin")), "rst",
+              questions_only=True, copyright="usr/share/doc/oar-doc/copyright", notice="debian"),
+    _doc_faq("pelican-faq", "pelican-doc", "Pelican (a static site generator)",
+             f"usr/share/doc/pelican/{SPHINX}/faq.rst.txt"),
+    _doc_faq("pybind11-faq", "pybind11-doc", "pybind11", f"usr/share/doc/pybind11-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("pylint-faq", "pylint-doc", "Pylint", f"usr/share/doc/pylint/{SPHINX}/faq.rst.txt"),
+    _doc_faq("black-faq", "python-black-doc", "Black (a code formatter)",
+             f"usr/share/doc/python-black-doc/{SPHINX}/faq.md.txt", "markdown"),
+    _doc_faq("celery-faq", "python-celery-doc", "Celery", f"usr/share/doc/python-celery-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("coverage-faq", "python-coverage-doc", "coverage.py",
+             f"usr/share/doc/python-coverage-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("cryptography-faq", "python-cryptography-doc", "pyca/cryptography",
+             f"usr/share/doc/python-cryptography-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("dask-faq", "python-dask-doc", "Dask", f"usr/share/doc/python-dask-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("doit-faq", "python-doit-doc", "doit (a task runner)", f"usr/share/doc/python-doit-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("future-faq", "python-future-doc", "python-future",
+             f"usr/share/doc/python-future-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("h5py-faq", "python-h5py-doc", "h5py (HDF5)", f"usr/share/doc/python-h5py-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("jinja-faq", "python-jinja2-doc", "Jinja", f"usr/share/doc/python-jinja2-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("jsonschema-faq", "python-jsonschema-doc", "jsonschema",
+             f"usr/share/doc/python-jsonschema-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("python-ldap-faq", "python-ldap-doc", "python-ldap", f"usr/share/doc/python-ldap-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("psycopg2-faq", "python-psycopg2-doc", "psycopg2 (PostgreSQL)",
+             f"usr/share/doc/python-psycopg2-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("pygments-faq", "python-pygments-doc", "Pygments",
+             f"usr/share/doc/python-pygments-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("pymongo-faq", "python-pymongo-doc", "PyMongo (MongoDB)",
+             f"usr/share/doc/python-pymongo-doc/{SPHINX}/faq.rst.txt"),
+    _doc_faq("requests-faq", "python-requests-doc", "Requests (HTTP)",
+             f"usr/share/doc/python-requests-doc/{SPHINX}/community/faq.rst.txt"),
+    _doc_faq("sqlobject-faq", "python-sqlobject-doc", "SQLObject", f"usr/share/doc/python-sqlobject-doc/{SPHINX}/FAQ.rst.txt"),
+    _doc_faq("apt-listbugs-faq", "apt-listbugs", "apt-listbugs", "usr/share/doc/apt-listbugs/FAQ.md.gz", "markdown"),
+    _doc_faq("delve-faq", "delve", "Delve (the Go debugger)", "usr/share/doc/delve/faq.md.gz", "markdown"),
+    _doc_faq("lxd-faq", "lxd", "LXD (containers)", "usr/share/doc/lxd/faq.md.gz", "markdown"),
+    _doc_faq("snoopy-faq", "snoopy", "Snoopy (command logging)", "usr/share/doc/snoopy/FAQ.md", "markdown"),
+    _doc_faq("termshark-faq", "termshark", "termshark", "usr/share/doc/termshark/FAQ.md.gz", "markdown"),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +449,267 @@ def text_entries(text: str, source: FaqSource, file: str) -> list[dict]:
     return entries
 
 
+RST_ADORNMENT = re.compile(r"""^([=\-`:'"~^_*+#.])\1{2,}\s*$""")
+RST_DIRECTIVE = re.compile(r"^\.\.\s+(?P<name>[\w:-]+)::(?:\s+(?P<rest>.*))?$")
+RST_KEPT_DIRECTIVES = frozenset({"note", "warning", "tip", "important", "hint", "caution", "attention", "danger",
+                                 "seealso", "versionadded", "versionchanged", "deprecated", "code", "code-block",
+                                 "sourcecode", "admonition", "topic", "container", "rubric"})
+RST_CODE_DIRECTIVES = frozenset({"code", "code-block", "sourcecode"})
+RST_OPTION = re.compile(r"^\s+:[\w -]+:(?:\s.*)?$")
+RST_INLINE = (
+    (re.compile(r":[\w:+-]+:`~?(?P<t>[^`<]*?)\s*<[^>`]*>`"), r"\g<t>"),  # :ref:`text <target>`
+    (re.compile(r":[\w:+-]+:`~(?:[\w.]*\.)?(?P<t>[^`]*)`"), r"\g<t>"),  # :func:`~os.path.join`: join, as Sphinx shows it
+    (re.compile(r":[\w:+-]+:`(?P<t>[^`]*)`"), r"\g<t>"),  # :func:`os.path.join` (kept whole)
+    (re.compile(r"`(?P<t>[^`<]+?)\s*<[^>`]*>`__?"), r"\g<t>"),  # `text <url>`_
+    (re.compile(r"``(?P<t>[^`]+)``"), r"\g<t>"),
+    (re.compile(r"`(?P<t>[^`]+)`__?"), r"\g<t>"),  # `named reference`_
+    (re.compile(r"`(?P<t>[^`]+)`"), r"\g<t>"),
+    (re.compile(r"\*\*(?P<t>[^*]+)\*\*"), r"\g<t>"),
+    (re.compile(r"(?<![\w*])\*(?P<t>[^*\s][^*]*?)\*(?![\w*])"), r"\g<t>"),
+    (re.compile(r"(?<=\w)__?(?=[\s.,;:!?)]|$)"), ""),  # Docutils_ (a reference name)
+)
+ANSWER_LABEL = re.compile(r"^(?:Answer|A):\s*")  # Celery's "**Answer:** ..." (the question is the title)
+LIST_ITEM = re.compile(r"^\s*(?:[-*+•]|\d+[.)]|#\.)\s+")
+
+
+def reflow(lines: list[str], inline=lambda text: text, literal_marker: str | None = None) -> str:
+    """Paragraphs of wrapped lines joined into one line each; literal blocks and list items keep their lines.
+
+    Literal (kept verbatim, dedented) are fenced blocks (Markdown ```), and blocks indented deeper than
+    the running text: with ``literal_marker`` ("::", reStructuredText) only those after a paragraph
+    ending with it (``Example::``, a code-block directive passes a bare "::"), otherwise (Markdown) any
+    such block that is not a list item. List items start new lines. ``inline`` (markup to plain text)
+    runs on each joined paragraph: a reference or a role can be wrapped over two lines.
+    """
+    paragraphs: list[str] = []
+    block: list[str] = []
+    base: int | None = None  # indent of the running text
+    literal_next, literal_base = False, 0  # rst: the paragraph before ended with "::", and its indent
+
+    def flush():
+        nonlocal literal_next, literal_base
+        if not block:
+            return
+        indent = min(len(l) - len(l.lstrip()) for l in block)
+        deeper = base is not None and indent > base
+        if literal_marker is None:
+            literal = block[0].lstrip().startswith("```") or deeper and not LIST_ITEM.match(block[0])
+        else:
+            literal = literal_next and indent > literal_base
+        if literal:
+            if block[0].lstrip().startswith("```"):  # the fence lines themselves are markup
+                block[:] = block[1:-1] if block[-1].strip() == "```" and len(block) > 1 else block[1:]
+                indent = min((len(l) - len(l.lstrip()) for l in block if l.strip()), default=0)
+            paragraphs.append("\n".join(l[indent:].rstrip() for l in block))
+        else:
+            out: list[str] = []
+            for l in block:
+                if LIST_ITEM.match(l) or not out:
+                    out.append(l.strip())
+                else:
+                    out[-1] += " " + l.strip()
+            text = inline("\n".join(out))
+            if literal_marker is not None:
+                # the indent of the line that says "::" (a definition term's body is indented under it)
+                literal_next, literal_base = text.endswith(literal_marker), len(block[-1]) - len(block[-1].lstrip())
+                if literal_next:  # "Example::" -> "Example:"; "text ::" and a bare "::" -> nothing
+                    text = re.sub(r"\s+" + re.escape(literal_marker) + "$", "", text)
+                    text = text[:-len(literal_marker)] + ":" if text.endswith(literal_marker) else text
+            paragraphs.append(text)
+        block.clear()
+
+    fence = False
+    for line in lines:
+        if line.lstrip().startswith("```"):
+            if not fence:
+                flush()
+            fence = not fence
+            block.append(line)
+            if not fence:
+                flush()
+            continue
+        if fence:
+            block.append(line)
+        elif not line.strip():
+            flush()
+        else:
+            indent = len(line) - len(line.lstrip())
+            if not block and (base is None or not LIST_ITEM.match(line) and indent <= base):
+                base = indent
+            block.append(line)
+    flush()
+    return "\n\n".join(p for p in paragraphs if p.strip() and p.strip() != ":")
+
+
+def rst_inline(text: str) -> str:
+    for pattern, repl in RST_INLINE:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def rst_body(lines: list[str]) -> str:
+    """reStructuredText source lines as plain text: labels, comments and directive options dropped,
+    directive bodies (notes, code blocks) kept, roles and references replaced by their text."""
+    out: list[str] = []
+    skipping = False  # inside a dropped ``..`` block (a comment, a label list, a toctree)
+    for line in lines:
+        if skipping:
+            if not line.strip() or line[:1].isspace():
+                continue
+            skipping = False
+        if line.lstrip().startswith("..") and (line.strip() == ".." or line.lstrip()[2:3].isspace()):
+            m = RST_DIRECTIVE.match(line.strip())
+            if m is None or m["name"] not in RST_KEPT_DIRECTIVES:
+                skipping = True  # a comment, a label or link target, a substitution, a toctree, an image ...
+            elif m["name"] in RST_CODE_DIRECTIVES:
+                out += ["", "::", ""]  # the indented block after it is code
+            elif m["rest"]:
+                out.append(m["rest"])  # ".. note:: text"
+            continue
+        if RST_OPTION.match(line) and out and not out[-1].strip():
+            continue
+        out.append(line)
+    return ANSWER_LABEL.sub("", reflow(out, rst_inline, literal_marker="::"))
+
+
+def rst_entries(text: str, file: str) -> list[dict]:
+    """Questions of a reStructuredText FAQ (Sphinx ``_sources/*.rst.txt``, Docutils' FAQ.txt).
+
+    Two forms: a section title (a line underlined, and optionally overlined, by a punctuation
+    rule at least its length); and a definition-list item (an unindented paragraph of at most three
+    lines ending with "?", followed by an indented block: Lmod's FAQ). A title entry's answer runs to
+    the next title of the same or a higher level (deeper non-question titles stay inside it, as text);
+    a definition entry's answer is its indented block. Levels follow the order in which title styles
+    first appear, as in reStructuredText itself.
+    """
+    lines = text.splitlines()
+    styles: list[tuple[str, bool]] = []
+    items: list[tuple] = []  # ("title", level, text, line) or ("line", text)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        over = (RST_ADORNMENT.match(line) and i + 2 < len(lines) and lines[i + 1].strip()
+                and RST_ADORNMENT.match(lines[i + 2]) and lines[i + 2][0] == line[0])
+        under = (line.strip() and not line[0].isspace() and not RST_ADORNMENT.match(line) and i + 1 < len(lines)
+                 and RST_ADORNMENT.match(lines[i + 1]) and len(lines[i + 1].rstrip()) >= len(line.rstrip()) - 1
+                 and (i == 0 or not lines[i - 1].strip()))
+        if over or under:
+            style = (lines[i + 2 if over else i + 1][0], bool(over))
+            if style not in styles:
+                styles.append(style)
+            title = lines[i + 1 if over else i].strip()
+            items.append(("title", styles.index(style), rst_inline(title), i + (2 if over else 1)))
+            i += 3 if over else 2
+            continue
+        items.append(("line", line, i + 1))
+        i += 1
+
+    entries: list[dict] = []
+    current: dict | None = None
+    k = 0
+    while k < len(items):
+        item = items[k]
+        if item[0] == "title":
+            _, level, title, lineno = item
+            if is_question(title) or current is None or level <= current["level"]:
+                current = None
+            if is_question(title):
+                current = {"question": title, "lines": [], "level": level, "source": f"{file}:{lineno}"}
+                entries.append(current)
+            elif current is not None:
+                current["lines"] += ["", title, ""]
+            k += 1
+            continue
+        _, line, lineno = item
+        # a definition-list question: unindented lines ending with "?", then an indented block
+        if line.strip() and not line[0].isspace() and (k == 0 or items[k - 1][0] == "title" or not items[k - 1][1].strip()):
+            para = []
+            j = k
+            while j < len(items) and items[j][0] == "line" and items[j][1].strip() and not items[j][1][0].isspace():
+                para.append(items[j][1].strip())
+                j += 1
+            while j < len(items) and items[j][0] == "line" and not items[j][1].strip():
+                j += 1
+            indented = j < len(items) and items[j][0] == "line" and items[j][1][:1].isspace()
+            if para and len(para) <= 3 and para[-1].endswith("?") and indented and not para[0].startswith(".."):
+                body = []
+                while j < len(items) and items[j][0] == "line" and (not items[j][1].strip() or items[j][1][:1].isspace()):
+                    body.append(items[j][1])
+                    j += 1
+                entries.append({"question": rst_inline(" ".join(para)), "lines": body, "level": None,
+                                "source": f"{file}:{lineno}", "definition": True})
+                k = j
+                continue
+        if current is not None:
+            current["lines"].append(line)
+        k += 1
+    return [{"question": e["question"], "answer": rst_body(e["lines"]), "source": e["source"]} for e in entries]
+
+
+MD_HEADING = re.compile(r"^(?P<hashes>#{1,6})\s+(?P<text>.*?)\s*#*\s*$")
+MD_INLINE = (
+    (re.compile(r"<a\s[^>]*>\s*</a>"), ""),
+    (re.compile(r"!?\[(?P<t>[^\]]*)\]\([^)]*\)"), r"\g<t>"),  # [text](url), images
+    (re.compile(r"\[(?P<t>[^\]]*)\]\[[^\]]*\]"), r"\g<t>"),  # [text][ref]
+    (re.compile(r"`(?P<t>[^`]+)`"), r"\g<t>"),
+    (re.compile(r"\*\*(?P<t>[^*]+)\*\*"), r"\g<t>"),
+    (re.compile(r"(?<![\w*])[*_](?P<t>[^*_\s][^*_]*?)[*_](?![\w*])"), r"\g<t>"),
+    (re.compile(r"<[a-z][^>]*>|</[a-z]+>"), ""),
+)
+MD_DROPPED = re.compile(r"^```\{(?:contents|toctree)\}")
+
+
+def md_inline(text: str) -> str:
+    for pattern, repl in MD_INLINE:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def markdown_entries(text: str, file: str) -> list[dict]:
+    """Questions of a Markdown FAQ (MyST ``_sources/*.md.txt`` too): ATX (``## ...``) and setext (a line over
+    ``===``/``---``) headings; an answer
+    runs to the next heading of the same or a higher level. Fenced blocks are kept verbatim (a ``#``
+    line inside one is a shell comment, not a heading); MyST contents/toctree directives are dropped."""
+    entries: list[dict] = []
+    current: dict | None = None
+    fence = dropping = False
+    lines = text.splitlines()
+    underline_at: set[int] = set()  # setext underlines (``Title`` over ``=====``)
+    for i, line in enumerate(lines):
+        lineno = i + 1
+        if line.lstrip().startswith("```"):
+            if not fence and MD_DROPPED.match(line.lstrip()):
+                dropping = True
+            fence = not fence
+            if dropping:
+                dropping = fence
+                continue
+        if dropping:
+            continue
+        m = None if fence else MD_HEADING.match(line)
+        setext = (not fence and i + 1 < len(lines) and line.strip() and not line[0].isspace()
+                  and re.fullmatch(r"=+\s*|-+\s*", lines[i + 1]) is not None and len(lines[i + 1].strip()) >= 3)
+        if setext:
+            underline_at.add(i + 1)
+        if i in underline_at:
+            continue
+        if m or setext:
+            level = len(m["hashes"]) if m else (1 if lines[i + 1].startswith("=") else 2)
+            title = md_inline(m["text"] if m else line).strip()
+            if is_question(title) or current is None or level <= current["level"]:
+                current = None
+            if is_question(title):
+                current = {"question": title, "lines": [], "level": level, "source": f"{file}:{lineno}"}
+                entries.append(current)
+            elif current is not None:
+                current["lines"] += ["", title, ""]
+            continue
+        if current is not None:
+            current["lines"].append(line)
+    return [{"question": e["question"], "answer": ANSWER_LABEL.sub("", reflow(e["lines"], md_inline)), "source": e["source"]}
+            for e in entries]
+
+
 def read_source(root: Path, source: FaqSource) -> tuple[list[dict], list[str]]:
     """(entries of every file of the source, the files read)."""
     entries, read = [], []
@@ -390,6 +725,10 @@ def read_source(root: Path, source: FaqSource) -> tuple[list[dict], list[str]]:
             entries += html_entries(html_blocks(text), source, name)
         elif source.kind == "text":
             entries += text_entries(text, source, name)
+        elif source.kind == "rst":
+            entries += rst_entries(text, name)
+        elif source.kind == "markdown":
+            entries += markdown_entries(text, name)
         else:
             entries += asciidoc_entries(text, name)
     return entries, read
@@ -456,6 +795,17 @@ def files_paragraph(copyright_text: str) -> str:
 
 def license_notice(root: Path, source: FaqSource) -> str:
     """The notice that allows redistribution, quoted from the FAQ itself or its package's copyright file."""
+    if source.notice == "debian":  # the licence named in the copyright file's "Files: *" paragraph, or the whole file
+        text = (root / source.copyright).read_text(encoding="utf-8")
+        try:
+            files = files_paragraph(text)
+        except ValueError:
+            return text.strip()
+        name = re.search(r"^License: *(.+)$", files, re.MULTILINE)
+        if name is None:
+            return text.strip()
+        standalone = license_paragraph(text, name[1].strip())
+        return files + (f"\n\n{standalone}" if standalone else "")
     if source.notice.startswith("debian:"):
         text = (root / source.copyright).read_text(encoding="utf-8")
         standalone = license_paragraph(text, source.notice.split(":", 1)[1])
@@ -480,7 +830,8 @@ def write_license(roots: dict[str, Path], path: Path, sources: list[FaqSource], 
     parts = [f"""\
 The text in data/general/faq.jsonl.gz is derived, by scripts/build_faq_pairs.py, from the FAQs below
 (Debian bookworm packages). What we changed: we split each FAQ into its questions and answers,
-removed question numbers, rendered the HTML or AsciiDoc as plain text (navigation left out), left
+removed question numbers, rendered the HTML, AsciiDoc, reStructuredText or Markdown as plain text
+(navigation, labels and comments left out), left
 out non-question headings, answers under {args.min_answer_chars} characters, duplicates and anything
 overlapping our evaluation sets, kept a seeded sample of at most {args.max_per_source} pairs per FAQ, and added other answers of the same FAQ as BM25-mined negative
 passages and all-MiniLM-L6-v2 similarity scores. Each FAQ's own notice follows, verbatim.

@@ -1,4 +1,5 @@
-"""scripts/build_faq_pairs.py: FAQ parsing (texinfo/zsh/fetchmail/SQLite HTML, AsciiDoc), filters, licences, output.
+"""scripts/build_faq_pairs.py: FAQ parsing (texinfo/zsh/fetchmail/SQLite HTML, AsciiDoc, plain text,
+reStructuredText, Markdown), filters, licences, output.
 
 Runs on excerpts of the real files (tests/fixtures/faq, laid out as the packages install them), without
 the teacher.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 from data_helpers import ROOT, load_script
@@ -132,6 +134,91 @@ def test_text_faqs_skip_contents_wrap_questions_and_dedent():
     assert all("-----" not in e["answer"] for e in valgrind.values())
 
 
+def test_rst_section_titles_levels_labels_notes_and_literal_blocks():
+    e = _entries("borg-faq")
+    assert list(e) == [
+        "What is the difference between a repo on an external hard drive vs. repo on a server?",
+        "Can I backup from multiple servers into a single repository?",
+        "I get an IntegrityError or similar - what now?", "How probable is it to get a hash collision problem?",
+        "Isn't BorgBackup's AES-CTR crypto broken?"]
+    assert e["I get an IntegrityError or similar - what now?"]["source"] == "faq.rst.txt:33"
+    integrity = e["I get an IntegrityError or similar - what now?"]["answer"]
+    # roles and references become their text, also when wrapped over two lines; labels are dropped
+    assert "described in important_notes." in integrity and ":ref:" not in integrity and "_faq" not in integrity
+    # a note's body and a rubric's title are text; "Checking hard drives" is a definition term, not a question
+    assert "\n\nFinding defective hardware\n\nHardware diagnostics are operating system dependent" in integrity
+    # "...in question::" then an indented block: the block is kept verbatim, the marker becomes ":"
+    assert "the drive in question:\n\n# smartctl -a /dev/sdSomething\n\nThe Offline_Uncorrectable, " in integrity
+    assert "*" not in integrity and "``" not in integrity
+    assert integrity.endswith('re-run "check" with --repair enabled.')  # the next title ends it
+    assert e["How probable is it to get a hash collision problem?"]["answer"].startswith(
+        "If you noticed, there are some issues (170 (warning: hell) and 4884)")
+    assert "called the Birthday Problem." in e["How probable is it to get a hash collision problem?"]["answer"]
+    # a higher-level chapter title ("Security", #####) ends an answer and is not a question itself
+    assert "Security" not in e["How probable is it to get a hash collision problem?"]["answer"]
+
+
+def test_rst_definition_list_questions_and_answer_labels():
+    lmod = _entries("lmod-faq")
+    q = "What are the environment variables _ModuleTable001, _ModuleTable002, etc doing it in the environment?"
+    assert list(lmod)[:3] == ["How does the module command work?", q, "How does one debug a modulefile?"]
+    assert lmod[q]["source"] == "040_FAQ.rst.txt:32"  # a question wrapped over two lines, read whole
+    # the indented block is the answer, dedented; its "::" sample keeps its own lines and indent
+    assert lmod[q]["answer"].startswith("The module command remembers its state in the environment")
+    assert "ModuleTable = {\n   mT = {\n     git = { ... }\n   }\n}" in lmod[q]["answer"]
+    celery = _entries("celery-faq")
+    # Celery writes "**Answer:** ..." under each question title: the label is markup, not the answer
+    assert celery["Does Celery really consist of 50.000 lines of code?"]["answer"].startswith(
+        "No, this and similarly large numbers have been reported")
+    uses = celery["What kinds of things should I use Celery for?"]["answer"]
+    assert uses.startswith("Queue everything and delight everyone is a good article")  # `text`_ reference
+    assert "\n\n* Running something after the web request has finished.\n\n" in uses
+
+
+def test_rst_inline_markup_and_comments():
+    text = """\
+How do I?
+=========
+
+.. _label:
+
+.. comment that spans
+   two lines
+
+Use :func:`os.path.join`, ``code``, **bold**, *emphasis*, a `link <https://x.org>`_ and Name_.
+
+.. code-block:: python
+
+    x = 1  # **kept** as written
+
+.. toctree::
+   other
+"""
+    (entry,) = f.rst_entries(text, "t.rst")
+    assert entry["answer"] == "Use os.path.join, code, bold, emphasis, a link and Name.\n\nx = 1  # **kept** as written"
+
+
+def test_markdown_atx_setext_myst_and_fences():
+    black = _entries("black-faq")
+    assert list(black)[:2] == ["Why spaces? I prefer tabs", "Does Black have an API?"]
+    assert black["Does Black have an API?"]["answer"] == (
+        "Not yet. Black is fundamentally a command line tool. Many integrations are provided, but a Python "
+        "interface is not one of them. A simple API is being planned though.")  # links and _emphasis_ flattened
+    cells = black["Why is my Jupyter Notebook cell not formatted?"]["answer"]
+    # fenced code keeps its lines (without the fence); list items keep theirs
+    assert "- multiline magics, e.g.:\n\n%timeit f(1, \\\n        2, \\\n        3)\n\n- code which" in cells
+    assert all("{contents}" not in x["answer"] and "```" not in x["answer"] for x in black.values())
+    listbugs = _entries("apt-listbugs-faq")  # setext headings (a line over -----)
+    assert list(listbugs) == ["How can I (temporarily) disable apt-listbugs?",
+                              "How can I use apt-listbugs with apt-cacher/apt-cacher-ng proxies?"]
+    assert "\n\nDPkg::Pre-Install-Pkgs {\"/usr/bin/apt-listbugs apt\";};\n\n" in listbugs[
+        "How can I (temporarily) disable apt-listbugs?"]["answer"]
+    text = "# FAQ\n\n## Why?\n\nBecause.\n\n```sh\n# not a heading\n```\n\n### Details\n\nMore.\n\n## Next section\n\nx\n"
+    (entry,) = f.markdown_entries(text, "t.md")
+    # a deeper non-question heading stays in the answer; a same-level one ends it
+    assert entry["answer"] == "Because.\n\n# not a heading\n\nDetails\n\nMore."
+
+
 def test_question_detection():
     for text in ("What is R?", "How do I do X", "I want to make fetchmail remove kept mail.", "Is it?",
                  "In which startup file do I put...?"):
@@ -157,9 +244,9 @@ def test_build_writes_pairs_with_source_prompts_and_licences(tmp_path):
     assert stats["sources"]["fetchmail-faq"]["kept"] == 3
     # fetchmail keeps its statements ("Linux logs ..."): its entries are all FAQ items
     assert any(q.startswith("Linux logs") for q in by_query)
-    assert stats["file"]["lines"] == len(rows) == sum(s["kept"] for s in stats["sources"].values())
+    assert stats["file"]["lines"] == len(rows) == sum(s.get("kept", 0) for s in stats["sources"].values())
     prompts = {r["prompt"] for r in rows}
-    assert len(prompts) == 9
+    assert len(prompts) == 14  # the nine FAQs of the first build, two reStructuredText, three Markdown
     answers_of = {}
     for row in rows:
         answers_of.setdefault(row["prompt"], set()).add(row["pos"][0])
@@ -171,7 +258,10 @@ def test_build_writes_pairs_with_source_prompts_and_licences(tmp_path):
     for notice in ("Kurt Hornik", "GNU General Public License", "P.W. Stephenson", "Permission is hereby granted",
                    "Matthias Andree", "GPL-2+ with OpenSSL exception", "put on the public domain",
                    "Linus Torvalds", "version 2 dated June, 1991", "Purdue Research Foundation",
-                   "Altered versions must be plainly marked", "Jean-loup Gailly", "Julian Seward", "License: GPL-3+"):
+                   "Altered versions must be plainly marked", "Jean-loup Gailly", "Julian Seward", "License: GPL-3+",
+                   # "debian": the licence that the copyright file's "Files: *" names, with its text
+                   "License: BSD-3-clause", "The Borg Collective", "License: MIT", "Robert McLay",
+                   "License: BSD-2-clause", "Ask Solem", "Łukasz Langa", "Francesco Poli"):
         assert notice in licence, notice
 
 
@@ -222,8 +312,10 @@ def test_shipped_file():
     assert len(rows) == stats["file"]["lines"] > 250
     assert stats["eval_sets"]["checked"] == ["data/pyfaq", "data/pyfaq-large", "data/perlfaq"]
     assert len({f.normalized_text(r["query"]) for r in rows}) == len(rows)
+    sizes = Counter(r["prompt"] for r in rows)  # one prompt per FAQ; negatives come from the same FAQ
+    assert len(sizes) == sum(1 for s in stats["sources"].values() if s.get("sampled", 0) >= 2)
     for r in rows:
-        assert len(r["neg"]) == len(r["neg_scores"]) == 7 and len(r["pos_scores"]) == 1
+        assert len(r["neg"]) == len(r["neg_scores"]) == min(7, sizes[r["prompt"]] - 1) and len(r["pos_scores"]) == 1
         assert len(r["pos"][0]) >= 40
     assert path.stat().st_size < 2_000_000
     assert "P.W. Stephenson" in (ROOT / "data" / "LICENSE-faq.txt").read_text()
