@@ -36,9 +36,13 @@ comments and tables of contents left out, roles and links replaced by their text
 
 What it writes (under --out, default ``data/general/``), in denselm's training JSONL
 (``{"query", "pos": [answer], "neg": [7 answers], "pos_scores", "neg_scores", "prompt"}``):
-  faq.jsonl.gz    the kept pairs of every FAQ; prompt "Given a question about <topic>, retrieve the
-                  passage that answers it" (the demo's evaluation instruction with the FAQ's topic)
-  faq-stats.json  per FAQ: entries found, kept, sampled, dropped (and why), leak examples.
+  faq.jsonl.gz       the kept pairs of the nine program FAQs (HTML, AsciiDoc and text: R ... Valgrind);
+                     prompt "Given a question about <topic>, retrieve the passage that answers it" (the
+                     demo's evaluation instruction with the FAQ's topic)
+  faq-docs.jsonl.gz  the same for the 34 reStructuredText and Markdown FAQs of documentation packages:
+                     a file of its own, so that a mix can weight it apart (the demo's default leaves it
+                     out: docs/DEMO_RESULTS.md has the runs with it)
+  faq-stats.json     per FAQ: entries found, kept, sampled, dropped (and why), leak examples; per file: lines.
 
 How: answers under --min-answer-chars (40) are dropped; pairs whose question or answer leaks into an
 evaluation set are dropped (build_wordnet_pairs' rule: more than half of the smaller text's word
@@ -116,6 +120,9 @@ class FaqSource:
     """html: the question block's whole text is bold (SQLite's ``<p><b>(N) ...</b></p>``)"""
     copyright: str = ""
     """the package's Debian copyright file, for the licence notice"""
+    output: str = "faq"
+    """the file (stem) under --out its pairs go to: ``faq`` (the program FAQs of the demo's default mix) or
+    ``faq-docs`` (the documentation packages' FAQs: kept apart, so that each can be weighted)"""
     notice: str = ""
     """where the licence notice is: 'debian' (the licence that the package's copyright file names for 'Files: *',
     or the whole file when it names none), 'debian:<License name>' (that licence of the copyright file), or
@@ -156,7 +163,7 @@ SOURCES = (
 def _doc_faq(name: str, package: str, topic: str, path: str, kind: str = "rst") -> FaqSource:
     """A reStructuredText or Markdown FAQ of a documentation package (most are Sphinx ``_sources``);
     only question titles are kept, the licence is the package's Debian copyright notice."""
-    return FaqSource(name, package, topic, (path,), kind, questions_only=True,
+    return FaqSource(name, package, topic, (path,), kind, questions_only=True, output="faq-docs",
                      copyright=f"usr/share/doc/{package}/copyright", notice="debian")
 
 
@@ -174,7 +181,7 @@ SOURCES += (
     _doc_faq("numba-faq", "numba-doc", "Numba", f"usr/share/doc/numba-doc/{SPHINX}/user/faq.rst.txt"),
     FaqSource("oar-faq", "oar-doc", "OAR (a batch scheduler)",
               tuple(f"usr/share/doc/oar-doc/{SPHINX}/{part}/faq.rst.txt" for part in ("user", "admin")), "rst",
-              questions_only=True, copyright="usr/share/doc/oar-doc/copyright", notice="debian"),
+              questions_only=True, output="faq-docs", copyright="usr/share/doc/oar-doc/copyright", notice="debian"),
     _doc_faq("pelican-faq", "pelican-doc", "Pelican (a static site generator)",
              f"usr/share/doc/pelican/{SPHINX}/faq.rst.txt"),
     _doc_faq("pybind11-faq", "pybind11-doc", "pybind11", f"usr/share/doc/pybind11-doc/{SPHINX}/faq.rst.txt"),
@@ -828,7 +835,8 @@ def license_notice(root: Path, source: FaqSource) -> str:
 
 def write_license(roots: dict[str, Path], path: Path, sources: list[FaqSource], read: dict[str, list[str]], args) -> None:
     parts = [f"""\
-The text in data/general/faq.jsonl.gz is derived, by scripts/build_faq_pairs.py, from the FAQs below
+The text in data/general/faq.jsonl.gz (the program FAQs) and data/general/faq-docs.jsonl.gz (the FAQs of
+documentation packages) is derived, by scripts/build_faq_pairs.py, from the FAQs below
 (Debian bookworm packages). What we changed: we split each FAQ into its questions and answers,
 removed question numbers, rendered the HTML, AsciiDoc, reStructuredText or Markdown as plain text
 (navigation, labels and comments left out), left
@@ -882,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         from denselm.assets import minilm_dir
 
         teacher_dir = minilm_dir() if args.teacher == "minilm" else Path(args.teacher)
-    rows, found, read = [], [], {}
+    rows: dict[str, list[dict]] = {}  # output stem -> rows, in SOURCES order
+    found, read = [], {}
     roots: dict[str, Path] = {}
     for source in SOURCES:
         root = next((r for r in args.sources if any((r / f).is_file() for f in source.files)), args.sources[0])
@@ -913,18 +922,21 @@ def main(argv: list[str] | None = None) -> int:
             if scores is not None:
                 row["pos_scores"], row["neg_scores"] = scores[0][k], scores[1][k]
             row["prompt"] = PROMPT.format(topic=source.topic)
-            rows.append(row)
+            rows.setdefault(source.output, []).append(row)
     if not rows:
         logger.error("no FAQ found under %s (extract the packages listed in the docstring there)",
                      ", ".join(map(str, args.sources)))
         return 1
     write_license(roots, args.license, found, read, args)
-    path = args.out / "faq.jsonl.gz"
-    stats["file"] = {"path": _shown(path), "lines": len(rows), "bytes": write_jsonl(path, rows)}
+    stats["files"] = {}
+    for stem, output_rows in rows.items():
+        path = args.out / f"{stem}.jsonl.gz"
+        stats["files"][stem] = {"path": _shown(path), "lines": len(output_rows), "bytes": write_jsonl(path, output_rows)}
+        logger.info("wrote %d pairs to %s", len(output_rows), path)
     stats["license"] = _shown(args.license)
     stats["teacher"] = None if args.no_teacher else args.teacher
     (args.out / "faq-stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-    logger.info("wrote %d pairs to %s in %.0f s", len(rows), path, time.perf_counter() - t0)
+    logger.info("done in %.0f s", time.perf_counter() - t0)
     return 0
 
 

@@ -12,6 +12,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from data_helpers import ROOT, load_script
 
 FIXTURE = ROOT / "tests" / "fixtures" / "faq"
@@ -232,7 +234,8 @@ def test_question_detection():
 
 def test_build_writes_pairs_with_source_prompts_and_licences(tmp_path):
     out = _build(tmp_path, "a")
-    rows = _rows(out / "faq.jsonl.gz")
+    program_rows, docs_rows = _rows(out / "faq.jsonl.gz"), _rows(out / "faq-docs.jsonl.gz")
+    rows = program_rows + docs_rows
     stats = json.loads((out / "faq-stats.json").read_text())
     by_query = {r["query"]: r for r in rows}
     assert by_query["What is R?"]["prompt"] == "Given a question about R, retrieve the passage that answers it"
@@ -244,9 +247,14 @@ def test_build_writes_pairs_with_source_prompts_and_licences(tmp_path):
     assert stats["sources"]["fetchmail-faq"]["kept"] == 3
     # fetchmail keeps its statements ("Linux logs ..."): its entries are all FAQ items
     assert any(q.startswith("Linux logs") for q in by_query)
-    assert stats["file"]["lines"] == len(rows) == sum(s.get("kept", 0) for s in stats["sources"].values())
+    assert stats["files"]["faq"]["lines"] == len(program_rows) and stats["files"]["faq-docs"]["lines"] == len(docs_rows)
+    assert len(rows) == sum(s.get("kept", 0) for s in stats["sources"].values())
+    # the nine program FAQs in faq.jsonl.gz; the documentation packages' (three reStructuredText, two Markdown
+    # here) in faq-docs.jsonl.gz, so that a mix can weight them apart
+    assert len({r["prompt"] for r in program_rows}) == 9
+    assert {r["prompt"].split("about ")[1].split(", retrieve")[0] for r in docs_rows} == {
+        "BorgBackup", "Lmod (environment modules)", "Celery", "Black (a code formatter)", "apt-listbugs"}
     prompts = {r["prompt"] for r in rows}
-    assert len(prompts) == 14  # the nine FAQs of the first build, two reStructuredText, three Markdown
     answers_of = {}
     for row in rows:
         answers_of.setdefault(row["prompt"], set()).add(row["pos"][0])
@@ -283,10 +291,11 @@ def test_leaks_into_eval_sets_are_dropped(tmp_path):
 
 def test_output_is_reproducible(tmp_path):
     a, b = _build(tmp_path, "a"), _build(tmp_path, "b")
-    assert (a / "faq.jsonl.gz").read_bytes() == (b / "faq.jsonl.gz").read_bytes()
+    for name in ("faq.jsonl.gz", "faq-docs.jsonl.gz"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
     stats_a, stats_b = (json.loads((d / "faq-stats.json").read_text()) for d in (a, b))
     for stats in (stats_a, stats_b):  # the only difference: the output folder
-        stats["file"].pop("path"), stats.pop("license")
+        [entry.pop("path") for entry in stats["files"].values()], stats.pop("license")
     assert stats_a == stats_b
 
 
@@ -305,15 +314,17 @@ def test_missing_packages_are_skipped_and_none_is_an_error(tmp_path):
     assert f.main(["--sources", str(empty), "--out", str(tmp_path / "d"), "--no-teacher", "--eval"]) == 1
 
 
-def test_shipped_file():
-    path = ROOT / "data" / "general" / "faq.jsonl.gz"
+@pytest.mark.parametrize("stem", ["faq", "faq-docs"])
+def test_shipped_files(stem):
+    path = ROOT / "data" / "general" / f"{stem}.jsonl.gz"
     stats = json.loads((ROOT / "data" / "general" / "faq-stats.json").read_text())
     rows = _rows(path)
-    assert len(rows) == stats["file"]["lines"] > 250
+    assert len(rows) == stats["files"][stem]["lines"] > 250
     assert stats["eval_sets"]["checked"] == ["data/pyfaq", "data/pyfaq-large", "data/perlfaq"]
     assert len({f.normalized_text(r["query"]) for r in rows}) == len(rows)
     sizes = Counter(r["prompt"] for r in rows)  # one prompt per FAQ; negatives come from the same FAQ
-    assert len(sizes) == sum(1 for s in stats["sources"].values() if s.get("sampled", 0) >= 2)
+    output_of = {s.name: s.output for s in f.SOURCES}
+    assert len(sizes) == sum(1 for name, s in stats["sources"].items() if s.get("sampled", 0) >= 2 and output_of[name] == stem)
     for r in rows:
         assert len(r["neg"]) == len(r["neg_scores"]) == min(7, sizes[r["prompt"]] - 1) and len(r["pos_scores"]) == 1
         assert len(r["pos"][0]) >= 40
