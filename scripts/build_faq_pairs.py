@@ -579,6 +579,22 @@ def rst_body(lines: list[str]) -> str:
     return ANSWER_LABEL.sub("", reflow(out, rst_inline, literal_marker="::"))
 
 
+def heading_entry(entries: list[dict], current: dict | None, title: str, level: int, source: str) -> dict | None:
+    """One heading of a reStructuredText or Markdown FAQ; returns the entry now open.
+
+    A question opens an entry (appended to ``entries``); any other heading closes the open one when it
+    is of the same or a higher level, and otherwise stays inside its answer as a line of text.
+    """
+    if is_question(title) or current is None or level <= current["level"]:
+        current = None
+    if is_question(title):
+        current = {"question": title, "lines": [], "level": level, "source": source}
+        entries.append(current)
+    elif current is not None:
+        current["lines"] += ["", title, ""]
+    return current
+
+
 def rst_entries(text: str, file: str) -> list[dict]:
     """Questions of a reStructuredText FAQ (Sphinx ``_sources/*.rst.txt``, Docutils' FAQ.txt).
 
@@ -618,13 +634,7 @@ def rst_entries(text: str, file: str) -> list[dict]:
         item = items[k]
         if item[0] == "title":
             _, level, title, lineno = item
-            if is_question(title) or current is None or level <= current["level"]:
-                current = None
-            if is_question(title):
-                current = {"question": title, "lines": [], "level": level, "source": f"{file}:{lineno}"}
-                entries.append(current)
-            elif current is not None:
-                current["lines"] += ["", title, ""]
+            current = heading_entry(entries, current, title, level, f"{file}:{lineno}")
             k += 1
             continue
         _, line, lineno = item
@@ -643,8 +653,7 @@ def rst_entries(text: str, file: str) -> list[dict]:
                 while j < len(items) and items[j][0] == "line" and (not items[j][1].strip() or items[j][1][:1].isspace()):
                     body.append(items[j][1])
                     j += 1
-                entries.append({"question": rst_inline(" ".join(para)), "lines": body, "level": None,
-                                "source": f"{file}:{lineno}", "definition": True})
+                entries.append({"question": rst_inline(" ".join(para)), "lines": body, "source": f"{file}:{lineno}"})
                 k = j
                 continue
         if current is not None:
@@ -674,8 +683,7 @@ def md_inline(text: str) -> str:
 
 def markdown_entries(text: str, file: str) -> list[dict]:
     """Questions of a Markdown FAQ (MyST ``_sources/*.md.txt`` too): ATX (``## ...``) and setext (a line over
-    ``===``/``---``) headings; an answer
-    runs to the next heading of the same or a higher level. Fenced blocks are kept verbatim (a ``#``
+    ``===``/``---``) headings; an answer runs to the next heading of the same or a higher level. Fenced blocks are kept verbatim (a ``#``
     line inside one is a shell comment, not a heading); MyST contents/toctree directives are dropped."""
     entries: list[dict] = []
     current: dict | None = None
@@ -703,13 +711,7 @@ def markdown_entries(text: str, file: str) -> list[dict]:
         if m or setext:
             level = len(m["hashes"]) if m else (1 if lines[i + 1].startswith("=") else 2)
             title = md_inline(m["text"] if m else line).strip()
-            if is_question(title) or current is None or level <= current["level"]:
-                current = None
-            if is_question(title):
-                current = {"question": title, "lines": [], "level": level, "source": f"{file}:{lineno}"}
-                entries.append(current)
-            elif current is not None:
-                current["lines"] += ["", title, ""]
+            current = heading_entry(entries, current, title, level, f"{file}:{lineno}")
             continue
         if current is not None:
             current["lines"].append(line)
@@ -802,21 +804,21 @@ def files_paragraph(copyright_text: str) -> str:
 
 def license_notice(root: Path, source: FaqSource) -> str:
     """The notice that allows redistribution, quoted from the FAQ itself or its package's copyright file."""
-    if source.notice == "debian":  # the licence named in the copyright file's "Files: *" paragraph, or the whole file
+    if source.notice == "debian" or source.notice.startswith("debian:"):
         text = (root / source.copyright).read_text(encoding="utf-8")
-        try:
-            files = files_paragraph(text)
-        except ValueError:
-            return text.strip()
-        name = re.search(r"^License: *(.+)$", files, re.MULTILINE)
-        if name is None:
-            return text.strip()
-        standalone = license_paragraph(text, name[1].strip())
+        if source.notice == "debian":  # the licence named in the "Files: *" paragraph, or the whole file
+            try:
+                files = files_paragraph(text)
+            except ValueError:
+                return text.strip()
+            named = re.search(r"^License: *(.+)$", files, re.MULTILINE)
+            if named is None:
+                return text.strip()
+            name = named[1].strip()
+        else:
+            files, name = files_paragraph(text), source.notice.split(":", 1)[1]
+        standalone = license_paragraph(text, name)
         return files + (f"\n\n{standalone}" if standalone else "")
-    if source.notice.startswith("debian:"):
-        text = (root / source.copyright).read_text(encoding="utf-8")
-        standalone = license_paragraph(text, source.notice.split(":", 1)[1])
-        return files_paragraph(text) + (f"\n\n{standalone}" if standalone else "")
     heading = re.compile(source.notice.split(":", 1)[1])
     for rel in source.files:
         if not (root / rel).is_file():
