@@ -264,6 +264,12 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
     cfg.eval.data = str(repo_path(cfg.eval.data or eval_data))
     cfg.eval.query_instruction = cfg.eval.query_instruction or FAQ_INSTRUCTION
     cfg.train.output_dir = str(train_dir)
+    if cfg.loss.embeds_distilled and cfg.loss.embed_distill_cache is None:
+        # a teacher cache of this run only: the next demo pays for its teacher again, so wall times compare
+        cache = output / "teacher-embeddings.sqlite"
+        for stale in (cache, cache.with_name(cache.name + "-wal"), cache.with_name(cache.name + "-shm")):
+            stale.unlink(missing_ok=True)
+        cfg.loss.embed_distill_cache = str(cache)
     data = load_beir(cfg.eval.data, cfg.eval.split)
     tasks = [(task, load_beir(repo_path(task.data), "test")) for task in second_tasks]
 

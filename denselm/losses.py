@@ -380,3 +380,27 @@ def similarity_distillation_loss(
     s = similarity(F.normalize(q, dim=-1), F.normalize(p, dim=-1))  # (B, N)
     t = similarity(F.normalize(teacher_q.detach(), dim=-1), F.normalize(teacher_p.detach(), dim=-1)).to(s.dtype)
     return ((s - t) ** 2).mean()
+
+
+SIMILARITY_DISTILL_KINDS = ("mse", "kl")
+
+
+def listwise_similarity_distillation_loss(
+    student_scores: torch.Tensor, teacher_q: torch.Tensor, teacher_p: torch.Tensor, teacher_temperature: float
+) -> torch.Tensor:
+    """KL(teacher || student) between each query's softmax over the in-batch passages, mean over rows.
+
+    ``student_scores`` (B, N): the student's logits (similarity / its temperature, as the contrastive
+    loss sees them); ``teacher_q`` (B, Dt), ``teacher_p`` (N, Dt): the same texts' teacher
+    embeddings, whose cosines are divided by ``teacher_temperature``.  Unlike the MSE on raw
+    cosines this is invariant to a shift of a row's scores, so a student at temperature 0.02 and a
+    teacher whose cosines sit in [0, 0.7] can agree (RocketQAv2 / TAS-B style in-batch distillation).
+    Rows average over ranks to the global batch's value, as the contrastive loss does.
+    """
+    t = similarity(F.normalize(teacher_q.detach(), dim=-1), F.normalize(teacher_p.detach(), dim=-1))
+    if t.shape != student_scores.shape:
+        raise ValueError(f"teacher similarities {tuple(t.shape)} vs student scores {tuple(student_scores.shape)}")
+    dtype = torch.promote_types(student_scores.dtype, torch.float32)
+    log_t = F.log_softmax(t.to(dtype) / teacher_temperature, dim=-1)  # (B, N)
+    log_s = F.log_softmax(student_scores.to(dtype), dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")

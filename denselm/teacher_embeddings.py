@@ -44,12 +44,16 @@ class TeacherEmbeddings:
     """Embeddings of texts by a sentence-transformers teacher (a folder, or ``minilm``), cached on disk."""
 
     def __init__(self, teacher: str, cache: str | os.PathLike | None = None, device: str | None = "cpu",
-                 batch_size: int = 64, model=None):
+                 batch_size: int = 64, model=None, dtype: str = "float32"):
         from .assets import resolve
 
-        self.spec = teacher
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"teacher dtype must be float32 or bfloat16, got {dtype!r}")
+        self.spec, self.dtype = teacher, dtype
         self.path = Path(resolve(teacher)) if model is None else None
         self.id = teacher_id(self.path) if self.path is not None else f"in-memory:{teacher}"
+        if dtype != "float32":  # bf16 vectors differ slightly: never mixed with float32 rows in one cache
+            self.id += f":{dtype}"
         self.cache_path = Path(os.path.expanduser(str(cache or DEFAULT_CACHE)))
         self.device, self.batch_size = device, batch_size
         self._model = model
@@ -73,6 +77,10 @@ class TeacherEmbeddings:
             from .score import load_teacher
 
             self._model = load_teacher(self.spec, "bi-encoder", device=self.device)
+            if self.dtype == "bfloat16":
+                import torch
+
+                self._model = self._model.to(torch.bfloat16)
         return self._model
 
     def _conn(self) -> sqlite3.Connection:
@@ -105,8 +113,8 @@ class TeacherEmbeddings:
             text_of = dict(zip(keys, texts))
             # only a bounded prefix of each text reaches the teacher's tokenizer (same tokens after its truncation)
             inputs = teacher_texts(self.model, [text_of[k] for k in missing], getattr(self.model, "max_seq_length", None))
-            vecs = self.model.encode(inputs, batch_size=self.batch_size,
-                                     convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+            vecs = self.model.encode(inputs, batch_size=self.batch_size, convert_to_tensor=True,
+                                     show_progress_bar=False).float().cpu().numpy()  # bf16 teachers: float32 rows
             self.computed += len(missing)
             with db:
                 db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",

@@ -133,9 +133,12 @@ def build_teacher(cfg: Config, model: BiEncoderModel):
         return None
     from .teacher_embeddings import TeacherEmbeddings
 
-    teacher = TeacherEmbeddings(cfg.loss.embed_distill_teacher, cfg.loss.embed_distill_cache)
+    teacher = TeacherEmbeddings(cfg.loss.embed_distill_teacher, cfg.loss.embed_distill_cache,
+                                dtype=cfg.loss.embed_distill_dtype)
     model.enable_embedding_distillation(teacher.dim, cfg.loss.embed_distill_weight,
-                                        cfg.loss.similarity_distill_weight, cfg.loss.embed_distill_distance)
+                                        cfg.loss.similarity_distill_weight, cfg.loss.embed_distill_distance,
+                                        similarity_kind=cfg.loss.similarity_distill_kind,
+                                        teacher_temperature=cfg.loss.teacher_temperature)
     return teacher
 
 

@@ -40,6 +40,41 @@ def test_distillation_losses_by_hand():
         losses.embedding_distillation_loss(s, torch.zeros(2, 3))
 
 
+def test_listwise_similarity_distillation_by_hand():
+    """KL(teacher || student) over each query's in-batch passages, teacher cosines at their own temperature."""
+    tq = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    tp = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    student = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+    T = 0.5
+    cos = torch.tensor([[1.0, 2 ** -0.5, 0.0], [0.0, 2 ** -0.5, 0.0]], dtype=torch.float64)
+    expected = 0.0
+    for row in range(2):
+        pt = torch.softmax(cos[row] / T, 0)
+        ps = torch.softmax(student[row], 0)
+        expected += float((pt * (pt.log() - ps.log())).sum())
+    got = losses.listwise_similarity_distillation_loss(student, tq, tp, T)
+    assert float(got) == pytest.approx(expected / 2, rel=1e-12)
+    # invariant to a shift of a row (what the MSE on raw cosines is not), zero at a perfect match
+    assert float(losses.listwise_similarity_distillation_loss(student + 7.0, tq, tp, T)) == pytest.approx(expected / 2)
+    assert float(losses.listwise_similarity_distillation_loss(cos / T, tq, tp, T)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="teacher similarities"):
+        losses.listwise_similarity_distillation_loss(student[:, :2], tq, tp, T)
+
+
+def test_listwise_term_uses_the_models_contrastive_scores():
+    """similarity_kind="kl": the student logits are the contrastive loss's q . p / temperature."""
+    query, passage, teacher = _inputs()
+    backbone = tiny_backbone("llama", dtype=torch.float64)
+    model = BiEncoderModel(model=backbone, normalized=True, temperature=0.05).train()
+    model.enable_embedding_distillation(5, 0.0, 1.0, similarity_kind="kl", teacher_temperature=0.1)
+    out = model(query=query, passage=passage, teacher_embeddings=teacher)
+    expected = losses.listwise_similarity_distillation_loss(out.scores, *teacher, 0.1)
+    assert out.metrics["similarity_distillation"] == pytest.approx(float(expected), rel=1e-12)
+    assert out.metrics["contrastive"] + out.metrics["similarity_distillation"] == pytest.approx(float(out.loss), rel=1e-12)
+    with pytest.raises(ValueError, match="similarity_kind"):
+        model.enable_embedding_distillation(5, 0.0, 1.0, similarity_kind="js")
+
+
 def test_teacher_cache_hit_avoids_recompute(tmp_path):
     from denselm.teacher_embeddings import TeacherEmbeddings
 
@@ -98,15 +133,17 @@ def _inputs(B=3, G=2, Dt=5, seed=0):
     return query, passage, (torch.randn(B, Dt, generator=g), torch.randn(B * G, Dt, generator=g))
 
 
-@pytest.mark.parametrize("embed_w,sim_w", [(1.0, 0.0), (0.0, 2.0), (0.5, 1.0)])
-def test_grad_cache_equals_plain_with_distillation(embed_w, sim_w):
+@pytest.mark.parametrize("embed_w,sim_w,kind", [(1.0, 0.0, "mse"), (0.0, 2.0, "mse"), (0.5, 1.0, "mse"),
+                                                (0.0, 1.0, "kl"), (0.5, 2.0, "kl")])
+def test_grad_cache_equals_plain_with_distillation(embed_w, sim_w, kind):
     query, passage, teacher = _inputs()
     grads, heads, losses_ = [], [], []
     for extra in ({}, {"grad_cache": True, "grad_cache_chunk_size": 2}):
         backbone = tiny_backbone("llama", dtype=torch.float64)
         model = BiEncoderModel(model=backbone, normalized=True, temperature=0.05, **extra).train()
         torch.manual_seed(1)
-        head = model.enable_embedding_distillation(5, embed_w, sim_w).double()
+        head = model.enable_embedding_distillation(5, embed_w, sim_w, similarity_kind=kind,
+                                                   teacher_temperature=0.1).double()
         out = model(query=query, passage=passage, teacher_embeddings=teacher)
         out.loss.backward()
         grads.append(flat_grads(backbone))
@@ -170,3 +207,25 @@ def test_config_needs_a_teacher():
         load_config(None, ["--loss.embed_distill_distance=dot"])
     with pytest.raises(ConfigError, match="loss.embed_distill_weight"):
         load_config(None, ["--loss.embed_distill_weight=-1"])
+    with pytest.raises(ConfigError, match="loss.similarity_distill_kind"):
+        load_config(None, ["--loss.similarity_distill_kind=js"])
+    with pytest.raises(ConfigError, match="loss.embed_distill_dtype"):
+        load_config(None, ["--loss.embed_distill_dtype=float16"])
+
+
+def test_bf16_teacher_has_its_own_cache_rows(tmp_path):
+    """A bfloat16 teacher: float32 rows close to the float32 teacher's, under a different cache key."""
+    from denselm.teacher_embeddings import TeacherEmbeddings
+
+    _minilm()
+    cache = tmp_path / "teacher.sqlite"
+    texts = ["How do I sort a list?", "Use sorted() with a key function."]
+    fp32 = TeacherEmbeddings("minilm", cache)
+    bf16 = TeacherEmbeddings("minilm", cache, dtype="bfloat16")
+    assert bf16.id == fp32.id + ":bfloat16"
+    a, b = fp32.embed(texts), bf16.embed(texts)
+    assert b.dtype == np.float32 and bf16.computed == 2  # not answered by the float32 rows
+    assert float(np.min(np.sum(a * b, axis=1) / np.linalg.norm(b, axis=1))) >= 0.999
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        TeacherEmbeddings("minilm", cache, dtype="float16")

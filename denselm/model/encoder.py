@@ -66,12 +66,18 @@ class EmbeddingDistillation(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, embed_weight: float = 1.0, similarity_weight: float = 0.0,
-                 distance: str = "cosine"):
+                 distance: str = "cosine", similarity_kind: str = "mse", student_temperature: float = 1.0,
+                 teacher_temperature: float = 1.0):
         super().__init__()
         if distance not in losses.EMBED_DISTANCES:
             raise ValueError(f"distance must be one of {losses.EMBED_DISTANCES}, got {distance!r}")
+        if similarity_kind not in losses.SIMILARITY_DISTILL_KINDS:
+            raise ValueError(f"similarity_kind must be one of {losses.SIMILARITY_DISTILL_KINDS}, got {similarity_kind!r}")
         self.projection = nn.Linear(student_dim, teacher_dim) if embed_weight > 0 else None
         self.embed_weight, self.similarity_weight, self.distance = float(embed_weight), float(similarity_weight), distance
+        # "kl": the student's logits are its contrastive scores, similarity / student_temperature
+        self.similarity_kind = similarity_kind
+        self.student_temperature, self.teacher_temperature = float(student_temperature), float(teacher_temperature)
 
     def forward(self, q, p, tq, tp, all_p, all_tp) -> tuple[torch.Tensor, dict[str, float]]:
         """q (B, D), p (B*G, D), teacher tq (B, Dt), tp (B*G, Dt); all_p / all_tp: the passages scored against."""
@@ -83,7 +89,11 @@ class EmbeddingDistillation(nn.Module):
             parts["embed_distillation"] = float(ed.detach())
             loss = loss + self.embed_weight * ed
         if self.similarity_weight > 0:
-            sd = losses.similarity_distillation_loss(q, all_p, tq, all_tp)
+            if self.similarity_kind == "kl":
+                student_scores = losses.similarity(q, all_p) / self.student_temperature  # (B, N)
+                sd = losses.listwise_similarity_distillation_loss(student_scores, tq, all_tp, self.teacher_temperature)
+            else:
+                sd = losses.similarity_distillation_loss(q, all_p, tq, all_tp)
             parts["similarity_distillation"] = float(sd.detach())
             loss = loss + self.similarity_weight * sd
         return loss, parts
@@ -589,13 +599,18 @@ class BiEncoderModel(nn.Module):
 
     # ------------------------------------------------- embedding distillation
     def enable_embedding_distillation(self, teacher_dim: int, embed_weight: float = 1.0, similarity_weight: float = 0.0,
-                                      distance: str = "cosine", student_dim: int | None = None) -> "EmbeddingDistillation":
-        """Add the teacher-embedding terms (a trained projection D -> Dt; never exported by ``save``)."""
+                                      distance: str = "cosine", student_dim: int | None = None,
+                                      similarity_kind: str = "mse", teacher_temperature: float = 1.0
+                                      ) -> "EmbeddingDistillation":
+        """Add the teacher-embedding terms (a trained projection D -> Dt; never exported by ``save``).
+
+        ``similarity_kind`` "kl": the in-batch term is a KL between softmaxes, the student's at this
+        model's temperature, the teacher's cosines at ``teacher_temperature``."""
         if student_dim is None:
             student_dim = int(_base_model_of(unwrap(self.model)).config.hidden_size)
         device = next(self.model.parameters()).device
-        self.embed_distill = EmbeddingDistillation(student_dim, teacher_dim, embed_weight, similarity_weight,
-                                                   distance).to(device)
+        self.embed_distill = EmbeddingDistillation(student_dim, teacher_dim, embed_weight, similarity_weight, distance,
+                                                   similarity_kind, self.temperature, teacher_temperature).to(device)
         return self.embed_distill
 
     # ------------------------------------------------------------ memory knobs

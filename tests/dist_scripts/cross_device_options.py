@@ -40,6 +40,9 @@ def variants():
     # embedding distillation (teacher width 5): projection and similarity-matrix terms
     yield dict(options="margin", grad_cache=False, distill=(1.0, 1.0))
     yield dict(options="gte_joint", grad_cache=True, distill=(0.5, 2.0))
+    # listwise (KL) in-batch similarity distillation, plain and gradient-cached
+    yield dict(options="margin", grad_cache=False, distill=(0.0, 1.0), kind="kl")
+    yield dict(options="gte_joint", grad_cache=True, distill=(0.5, 2.0), kind="kl")
 
 
 def main(out_path: str) -> None:
@@ -67,9 +70,10 @@ def main(out_path: str) -> None:
             grad_cache=v["grad_cache"], grad_cache_chunk_size=2, loss_options=opts,
         ).train()
         distill = v.get("distill")
+        kind_kw = {"similarity_kind": v["kind"], "teacher_temperature": 0.1} if "kind" in v else {}
         if distill:
             torch.manual_seed(3)
-            model.enable_embedding_distillation(5, *distill).double()
+            model.enable_embedding_distillation(5, *distill, **kind_kw).double()
         out = model(query={k: t[q_rows] for k, t in query.items()}, passage={k: t[p_rows] for k, t in passage.items()},
                     messages=["normal"], teacher_scores=teacher[p_rows], false_negative_mask=duplicate[q_rows],
                     teacher_embeddings=(tq[q_rows], tp[p_rows]) if distill else None)
@@ -79,7 +83,7 @@ def main(out_path: str) -> None:
 
             denselm_dist.all_reduce_grads_mean(model.embed_distill.parameters())
         grads = flat_grads(backbone)
-        if distill:
+        if distill and distill[0] > 0:  # the projection head exists only with an embedding term
             grads = torch.cat([grads, flat_grads(model.embed_distill)])
         gathered = [torch.zeros_like(grads) for _ in range(world)]
         dist.all_gather(gathered, grads)
@@ -94,12 +98,12 @@ def main(out_path: str) -> None:
                                        loss_options=opts).train()
             if distill:
                 torch.manual_seed(3)
-                ref_model.enable_embedding_distillation(5, *distill).double()
+                ref_model.enable_embedding_distillation(5, *distill, **kind_kw).double()
             ref = ref_model(query=query, passage=passage, messages=["normal"], teacher_scores=teacher,
                             false_negative_mask=duplicate, teacher_embeddings=(tq, tp) if distill else None)
             ref.loss.backward()
             ref_grads = flat_grads(single)
-            if distill:
+            if distill and distill[0] > 0:
                 ref_grads = torch.cat([ref_grads, flat_grads(ref_model.embed_distill)])
             results.append({
                 **v,
