@@ -141,6 +141,8 @@ class LossConfig:
     similarity_distill_kind: str = "mse"
     """mse: squared error on raw cosines; kl: KL between each query's softmax over the in-batch passages,
     the teacher's cosines at loss.teacher_temperature, the student's scores at model.temperature (listwise)."""
+    embed_distill_max_length: int | None = None
+    """Teacher tokens per text (None: the teacher's own limit, 256 for MiniLM); part of the cache key."""
     embed_distill_dtype: str = "float32"
     """The teacher's weights: float32, or bfloat16 (~2.5x faster on CPUs with bf16 matrix units; cosine to
     the float32 vectors >= 0.9999 for MiniLM). Part of the cache key: the two never share rows."""
@@ -179,6 +181,8 @@ class LossConfig:
         if self.similarity_distill_kind not in losses.SIMILARITY_DISTILL_KINDS:
             raise ConfigError(f"loss.similarity_distill_kind must be one of {list(losses.SIMILARITY_DISTILL_KINDS)}, "
                               f"got {self.similarity_distill_kind!r}")
+        if self.embed_distill_max_length is not None and self.embed_distill_max_length < 1:
+            raise ConfigError(f"loss.embed_distill_max_length must be >= 1 (or null), got {self.embed_distill_max_length}")
         if self.embed_distill_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"loss.embed_distill_dtype must be float32 or bfloat16, got {self.embed_distill_dtype!r}")
         if self.embeds_distilled and not self.embed_distill_teacher:

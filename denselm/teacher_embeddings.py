@@ -44,7 +44,7 @@ class TeacherEmbeddings:
     """Embeddings of texts by a sentence-transformers teacher (a folder, or ``minilm``), cached on disk."""
 
     def __init__(self, teacher: str, cache: str | os.PathLike | None = None, device: str | None = "cpu",
-                 batch_size: int = 64, model=None, dtype: str = "float32"):
+                 batch_size: int = 64, model=None, dtype: str = "float32", max_length: int | None = None):
         from .assets import resolve
 
         if dtype not in ("float32", "bfloat16"):
@@ -54,6 +54,11 @@ class TeacherEmbeddings:
         self.id = teacher_id(self.path) if self.path is not None else f"in-memory:{teacher}"
         if dtype != "float32":  # bf16 vectors differ slightly: never mixed with float32 rows in one cache
             self.id += f":{dtype}"
+        if max_length is not None:  # another truncation, other vectors
+            if max_length < 1:
+                raise ValueError(f"teacher max_length must be >= 1, got {max_length}")
+            self.id += f":max{max_length}"
+        self.max_length = max_length
         self.cache_path = Path(os.path.expanduser(str(cache or DEFAULT_CACHE)))
         self.device, self.batch_size = device, batch_size
         self._model = model
@@ -76,7 +81,7 @@ class TeacherEmbeddings:
         if self._model is None:
             from .score import load_teacher
 
-            self._model = load_teacher(self.spec, "bi-encoder", device=self.device)
+            self._model = load_teacher(self.spec, "bi-encoder", device=self.device, max_length=self.max_length)
             if self.dtype == "bfloat16":
                 import torch
 

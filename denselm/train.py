@@ -134,7 +134,7 @@ def build_teacher(cfg: Config, model: BiEncoderModel):
     from .teacher_embeddings import TeacherEmbeddings
 
     teacher = TeacherEmbeddings(cfg.loss.embed_distill_teacher, cfg.loss.embed_distill_cache,
-                                dtype=cfg.loss.embed_distill_dtype)
+                                dtype=cfg.loss.embed_distill_dtype, max_length=cfg.loss.embed_distill_max_length)
     model.enable_embedding_distillation(teacher.dim, cfg.loss.embed_distill_weight,
                                         cfg.loss.similarity_distill_weight, cfg.loss.embed_distill_distance,
                                         similarity_kind=cfg.loss.similarity_distill_kind,

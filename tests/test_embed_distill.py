@@ -229,3 +229,21 @@ def test_bf16_teacher_has_its_own_cache_rows(tmp_path):
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         TeacherEmbeddings("minilm", cache, dtype="float16")
+
+
+def test_teacher_max_length_truncates_and_keys_the_cache(tmp_path):
+    """loss.embed_distill_max_length: the teacher sees that many tokens; rows never mix with the full-length ones."""
+    from denselm.teacher_embeddings import TeacherEmbeddings
+
+    _minilm()
+    cache = tmp_path / "teacher.sqlite"
+    long_text = "the answer explains how to sort a list of tuples by a key " * 20  # > 100 MiniLM tokens
+    full, short = TeacherEmbeddings("minilm", cache), TeacherEmbeddings("minilm", cache, max_length=16)
+    assert short.id == full.id + ":max16"
+    a, b = full.embed([long_text]), short.embed([long_text])
+    assert short.computed == 1 and short.model.max_seq_length == 16
+    prefix = short.model.tokenizer.convert_tokens_to_string(short.model.tokenizer.tokenize(long_text)[:14])
+    np.testing.assert_allclose(b, full.model.encode([prefix]), atol=1e-5)  # 14 tokens + [CLS] + [SEP]
+    assert float(np.sum(a * b)) < 0.9999  # the full text's vector differs
+    with pytest.raises(ValueError, match="max_length"):
+        TeacherEmbeddings("minilm", cache, max_length=0)
