@@ -183,8 +183,11 @@ class LossConfig:
                               f"got {self.similarity_distill_kind!r}")
         if self.embed_distill_max_length is not None and self.embed_distill_max_length < 1:
             raise ConfigError(f"loss.embed_distill_max_length must be >= 1 (or null), got {self.embed_distill_max_length}")
-        if self.embed_distill_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"loss.embed_distill_dtype must be float32 or bfloat16, got {self.embed_distill_dtype!r}")
+        from .teacher_embeddings import TEACHER_DTYPES
+
+        if self.embed_distill_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"loss.embed_distill_dtype must be one of {list(TEACHER_DTYPES)}, "
+                              f"got {self.embed_distill_dtype!r}")
         if self.embeds_distilled and not self.embed_distill_teacher:
             raise ConfigError("loss.embed_distill_teacher is required when loss.embed_distill_weight or "
                               "loss.similarity_distill_weight is > 0 (e.g. minilm)")

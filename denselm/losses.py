@@ -30,6 +30,11 @@ def similarity(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return q.to(dtype) @ p.to(dtype).T
 
 
+def cosine_similarities(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """All-pairs cosines (B, N) of rows of any width (a teacher's and a student's may differ)."""
+    return similarity(F.normalize(q, dim=-1), F.normalize(p, dim=-1))
+
+
 def group_scores(q: torch.Tensor, p: torch.Tensor, group_size: int) -> torch.Tensor:
     """Each query against its own group only: (B, G), one batched matmul.
 
@@ -377,8 +382,8 @@ def similarity_distillation_loss(
     (B, Dt), ``teacher_p`` (N, Dt) the same texts' teacher embeddings.  Row means
     over every rank's N passages average over ranks to the global batch's value.
     """
-    s = similarity(F.normalize(q, dim=-1), F.normalize(p, dim=-1))  # (B, N)
-    t = similarity(F.normalize(teacher_q.detach(), dim=-1), F.normalize(teacher_p.detach(), dim=-1)).to(s.dtype)
+    s = cosine_similarities(q, p)  # (B, N)
+    t = cosine_similarities(teacher_q.detach(), teacher_p.detach()).to(s.dtype)
     return ((s - t) ** 2).mean()
 
 
@@ -397,7 +402,7 @@ def listwise_similarity_distillation_loss(
     teacher whose cosines sit in [0, 0.7] can agree (RocketQAv2 / TAS-B style in-batch distillation).
     Rows average over ranks to the global batch's value, as the contrastive loss does.
     """
-    t = similarity(F.normalize(teacher_q.detach(), dim=-1), F.normalize(teacher_p.detach(), dim=-1))
+    t = cosine_similarities(teacher_q.detach(), teacher_p.detach())  # (B, N)
     if t.shape != student_scores.shape:
         raise ValueError(f"teacher similarities {tuple(t.shape)} vs student scores {tuple(student_scores.shape)}")
     dtype = torch.promote_types(student_scores.dtype, torch.float32)

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_CACHE = "~/.cache/denselm/teacher-embeddings.sqlite"
+TEACHER_DTYPES = ("float32", "bfloat16")
 
 
 def text_key(text: str) -> str:
@@ -47,8 +48,8 @@ class TeacherEmbeddings:
                  batch_size: int = 64, model=None, dtype: str = "float32", max_length: int | None = None):
         from .assets import resolve
 
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"teacher dtype must be float32 or bfloat16, got {dtype!r}")
+        if dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher dtype must be one of {TEACHER_DTYPES}, got {dtype!r}")
         self.spec, self.dtype = teacher, dtype
         self.path = Path(resolve(teacher)) if model is None else None
         self.id = teacher_id(self.path) if self.path is not None else f"in-memory:{teacher}"
