@@ -26,7 +26,8 @@ Variants:
 Repetitions alternate the variants on the same batch (one round = each variant once), so load
 from other processes hits both alike; ratios are taken within each round (paired) and reported
 as median and range, with the loss of each variant (they must agree: same weights, same batch,
-the optimizer step is skipped so every round starts from the same weights).  One JSON line
+the optimizer step is skipped so every round starts from the same weights; in bf16 each is
+also compared with the seed's loss on a float32 copy of the same weights, untimed).  One JSON line
 per record; ``--markdown`` also prints the table rows on stderr.
 """
 
@@ -120,6 +121,13 @@ def run_recipe(args, name: str) -> list[dict]:
     seed = bl.SeedStep(backbone, temperature=0.02)
     model = bl.denselm_model(backbone)
     device = torch.device("cpu")
+    # Below float32 the two layouts round differently, so neither loss is "the" answer: both are
+    # also compared with the seed's loss on a float32 copy of the same (bf16-rounded) weights.
+    reference = None
+    if dtype != torch.float32:
+        import copy
+
+        reference = bl.SeedStep(copy.deepcopy(backbone).float(), temperature=0.02)
 
     def step(variant: str, q, p) -> float:
         if variant == "seed":
@@ -147,6 +155,10 @@ def run_recipe(args, name: str) -> list[dict]:
             losses[v].append(step(v, q, p))
             rates[v].append(real[r] / (time.perf_counter() - t))
     load_after = os.getloadavg()
+    exact = []
+    if reference is not None:
+        with torch.no_grad():
+            exact = [float(reference.loss(q, p, device)) for q, p in batches]
     padded = [max(map(len, q)) * len(q) + max(map(len, p)) * len(p) for q, p in batches]  # the seed's executed tokens
     records = []
     for v in variants:
@@ -161,6 +173,8 @@ def run_recipe(args, name: str) -> list[dict]:
                "vs_seed_median": round(statistics.median(ratio), 3),
                "vs_seed_range": [round(min(ratio), 3), round(max(ratio), 3)],
                "max_loss_diff_vs_seed": round(max(abs(a - b) for a, b in zip(losses[v], losses["seed"])), 6),
+               "max_loss_diff_vs_float32": (round(max(abs(a - b) for a, b in zip(losses[v], exact)), 6)
+                                            if exact else 0.0),
                "reps": args.reps, "load_before": [round(x, 2) for x in load_before],
                "load_after": [round(x, 2) for x in load_after]}
         bl.log(**rec)
@@ -169,12 +183,12 @@ def run_recipe(args, name: str) -> list[dict]:
 
 
 def markdown(records: list[dict]) -> str:
-    rows = ["| recipe | variant | real tok/s median (range) | vs seed (paired, range) | max loss diff | load avg |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| recipe | variant | real tok/s median (range) | vs seed (paired, range) | max loss diff vs seed "
+            "| vs float32 | load avg |", "|---|---|---|---|---|---|---|"]
     for r in records:
         rows.append(f"| {r['dtype']} | {r['variant']} | {r['tokens_per_s']:,.0f} ({r['tokens_per_s_range'][0]:,.0f}-"
                     f"{r['tokens_per_s_range'][1]:,.0f}) | {r['vs_seed_median']:.2f}x ({r['vs_seed_range'][0]:.2f}-"
-                    f"{r['vs_seed_range'][1]:.2f}) | {r['max_loss_diff_vs_seed']:.1e} | "
+                    f"{r['vs_seed_range'][1]:.2f}) | {r['max_loss_diff_vs_seed']:.1e} | {r['max_loss_diff_vs_float32']:.1e} | "
                     f"{r['load_before'][0]} / {r['load_after'][0]} |")
     return "\n".join(rows)
 

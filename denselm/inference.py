@@ -29,6 +29,7 @@ from .errors import DataError, InputNotFound, UserError
 from .data.templates import ICLExample, fit_query_ids, format_passage
 from .data.tokenize import pad_batch, special_tokens, tokenize_with_eos
 from .model.encoder import BiEncoderModel
+from .model.speedups.common import cpu_flags
 from .spec import MANIFEST_NAME, PLAIN, PRESETS, EmbeddingSpec
 
 logger = logging.getLogger(__name__)
@@ -58,15 +59,7 @@ def document_text(doc: Document) -> str:
 
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def auto_dtype(device: str | torch.device) -> torch.dtype:

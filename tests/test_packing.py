@@ -249,3 +249,75 @@ def test_cuda_bf16_uses_variable_length_flash_kernel():
         out = packing.encode_features(backbone, feats, "last", max_tokens=100).float()
     assert packing._varlen_kernel() is not None and not packing._varlen_failed
     assert F.cosine_similarity(out, ref, dim=-1).min() >= 0.99  # bf16
+
+
+# ------------------------------------------------------------------ float32 attention in CPU training
+def packed_qkv(lengths, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, h, total, 16, generator=g).to(dtype).requires_grad_() for h in (4, 2, 2))
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    return q, k, v, cu
+
+
+def per_sequence(q, k, v, lengths):
+    """(1, H, T, d) -> (T, H, d): causal SDPA on each sequence alone, in the inputs' dtype."""
+    outs, start = [], 0
+    for n in lengths:
+        s = slice(start, start + n)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s], is_causal=True,
+                                                   enable_gqa=True)[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bf16_training_attention_runs_in_float32_on_cpus_without_amx(monkeypatch, training):
+    monkeypatch.setattr(packing, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    block = torch.nn.Linear(2, 2).train(training)  # the attention module: trainable weights
+    lengths = [5, 1, 9, 3]
+    q, k, v, cu = packed_qkv(lengths, torch.bfloat16)
+    assert packing.float32_attention(block, q) is training
+    out, _ = packing.packed_attention(block, q, k, v, None, cu_seq_lens_q=cu)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 4, 16)
+    if training:  # float32 attention on the bf16 inputs, rounded once
+        ref = per_sequence(q.float(), k.float(), v.float(), lengths).to(torch.bfloat16)
+    else:
+        ref = per_sequence(q, k, v, lengths)
+    assert torch.equal(out[0], ref)
+    if training:  # and its gradient is the float32 attention's, rounded to bf16 (the copies' backward)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        out.backward(upstream)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        per_sequence(q32, k32, v32, lengths).backward(upstream[0].float())
+        for ours, exact in ((q, q32), (k, k32), (v, v32)):
+            assert torch.equal(ours.grad, exact.grad.to(torch.bfloat16))
+
+
+def test_float32_attention_only_where_it_was_measured(monkeypatch):
+    q = torch.zeros(1, 4, 3, 16, dtype=torch.bfloat16)
+    block = torch.nn.Linear(2, 2).train()
+    monkeypatch.setattr(packing, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert packing.float32_attention(block, q)
+    assert not packing.float32_attention(block, q.float())  # float32 inputs: nothing to change
+    frozen = torch.nn.Linear(2, 2).train().requires_grad_(False)
+    assert not packing.float32_attention(frozen, q)  # frozen block: forward only, bf16 is faster
+    monkeypatch.setattr(packing, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert not packing.float32_attention(block, q)  # AMX: not measured, bf16 kept
+
+
+def test_packed_attention_backward_sums_no_row_sized_zeros():
+    """Each sequence's view comes from one split, so the backward adds no (1, H, T, d) zero
+    tensor per sequence (a slice's backward would: O(sequences x tokens) per layer)."""
+    lengths = [3] * 40
+    q, k, v, cu = packed_qkv(lengths, torch.float32)
+    block = torch.nn.Linear(2, 2).eval()
+    out, _ = packing.packed_attention(block, q, k, v, None, cu_seq_lens_q=cu)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.sum().backward()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("aten::slice_backward", 0) == 0  # one per sequence and tensor with slicing
+    ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    per_sequence(*ref, lengths).sum().backward()
+    for ours, exact in zip((q, k, v), ref):
+        assert torch.allclose(ours.grad, exact.grad, atol=1e-6)

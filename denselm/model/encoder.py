@@ -35,6 +35,7 @@ from . import speedups
 from .speedups import packing as packing_lib
 from .speedups.pooled_only import last_mlp_only_at, pooled_positions
 from .speedups.fused_norm import fused_norms
+from .speedups.lora_add import fast_lora
 from .pooling import POOLING_METHODS, last_token_indices, pool
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,9 @@ class BiEncoderModel(nn.Module):
 
     def _pooled(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) pooled hidden states, packed or padded."""
-        with fused_norms(self._backbone()):  # no_grad only: one fused pass per RMSNorm
+        backbone = self._backbone()
+        # fused_norms: no_grad only, one fused pass per RMSNorm; fast_lora: LoRA updates added in place
+        with fused_norms(backbone), fast_lora(backbone):
             return self._pooled_unfused(features)
 
     def _pooled_unfused(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -15,11 +15,26 @@ class are untouched, and after the scope the model is exactly as it was:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
 from torch import nn
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read): speed-ups
+    whose measured gain depends on the matrix units (AMX, AVX512-BF16) decide on them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @contextlib.contextmanager

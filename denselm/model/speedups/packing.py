@@ -49,7 +49,7 @@ from torch import nn
 from ...parallel import base_model
 from ..backbone import decoder_layers
 from ..pooling import pool_packed
-from .common import SharedSwitch, swapped
+from .common import SharedSwitch, cpu_flags, swapped
 from .pooled_only import last_mlp_only_at, packed_positions
 
 logger = logging.getLogger(__name__)
@@ -243,23 +243,45 @@ def packed_attention(
             return out.unsqueeze(0), None  # (1, total, H, d)
     # One causal SDPA per sequence: exact sum(L_i^2) cost; on CPU this beats a
     # block-diagonal mask over the row (measured: benchmarks/speed_bench.py).
-    # Sequence i is query[:, :, a:b], a (1, H, L_i, d) view of transformers' (total, H, d)
-    # memory: no copy in.  The one copy out is the cat along tokens, which rebuilds that
-    # layout; it stands in for the padded path's transpose(1, 2).contiguous() of the
-    # attention output (measured: 1.8% of packed float32 encoding's CPU time on one
-    # thread, its backward is plain slicing).
+    # Sequence i is a (1, H, L_i, d) view of transformers' (total, H, d) memory: no copy in.
+    # The views come from one split per tensor, not one slice per sequence: a slice's
+    # backward is a zero tensor of the whole row with its part filled in, and autograd then
+    # adds the n of them, O(n * total) per tensor and layer (8% of a demo training step of
+    # 96 short texts); split's backward is a single cat.  The one copy out is the cat along
+    # tokens, which rebuilds that layout; it stands in for the padded path's
+    # transpose(1, 2).contiguous() of the attention output (measured: 1.8% of packed
+    # float32 encoding's CPU time on one thread).
     gqa = query.shape[1] != key.shape[1]
-    bounds = cu.tolist()
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    out_dtype = query.dtype
+    if float32_attention(module, query):
+        query, key, value = query.float(), key.float(), value.float()
     outs = [
         F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa,
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa,
         )[0].transpose(0, 1)  # (L_i, H, d)
-        for a, b in zip(bounds[:-1], bounds[1:])
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     with torch.profiler.record_function(CAT_RANGE):  # named, so profiles can tell this cat from the model's
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return out.unsqueeze(0), None  # (1, total, H, d)
+    return out.to(out_dtype).unsqueeze(0), None  # (1, total, H, d)
+
+
+def float32_attention(module: nn.Module, query: torch.Tensor) -> bool:
+    """Whether this packed attention call runs in float32 although its inputs are bf16/fp16.
+
+    On a CPU without AMX, PyTorch's flash-attention backward is much slower in bf16 than in
+    float32 (measured on AVX512-BF16, 96 texts of 8-128 tokens, SmolLM2's 9/3 heads: forward
+    + backward 120 ms in bf16, 78 ms after casting q, k and v to float32; the forward alone
+    16 vs 24 ms, so inference keeps bf16).  So in a block that trains on such a CPU, q, k
+    and v go up to float32 (a (total, H, d) copy each) and the output comes back down: the
+    same attention, computed more exactly, rounded to the input dtype once at the output.
+    The choice rests on static facts (train mode, the block's own trainable weights), not on
+    whether this call records a graph, so gradient caching's no-grad pass and its re-encoding,
+    or a checkpointed block and its recompute, compute the same numbers.
+    """
+    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and module.training
+            and "amx_bf16" not in cpu_flags() and any(p.requires_grad for p in module.parameters()))
 
 
 _state = threading.local()
