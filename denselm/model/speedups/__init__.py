@@ -10,6 +10,11 @@ Four exact speed-ups (each tested equal to the plain path), one module each:
   last/first pooling, in encoding and in training unless the last block is checkpointed).
 - gradient caching (``denselm.gradcache``, ``loss.grad_cache``): a big batch's loss and
   gradients at one chunk's activation memory.
+Two automatic ones that change no setting's meaning: ``lora_add`` (peft LoRA updates added into
+the frozen layer's output in place: bit-identical for power-of-two scaling) and ``fused_norm``
+(one ``F.rms_norm`` pass per RMSNorm, inference only).  And one choice of precision inside
+``packing``: bf16 training on a CPU without AMX runs the packed attention in float32, whose CPU
+backward is faster there (``packing.float32_attention``).
 ``common`` holds the one way they change a model: swap an attribute (a block's
 ``forward``, a config field) for a scope and always restore it.
 
@@ -25,7 +30,8 @@ Order of composition, outermost first, in one ``BiEncoderModel`` encoding call:
    serves these rows in order);
 5. pooled-only MLP: around each backbone call (a padded batch or a packed row), the last
    block's MLP restricted to the pooled tokens (``pooled_only.last_mlp_only_at``);
-6. the backbone's own forward, then pooling (last, first or mean) and normalisation.
+6. the backbone's own forward (its LoRA layers adding in place, ``lora_add.fast_lora``, and its
+   RMSNorms fused under no_grad), then pooling (last, first or mean) and normalisation.
 Every scope restores what it swapped on exit, also on exceptions, so the layers leave the
 backbone as they found it.
 

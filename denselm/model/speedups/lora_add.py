@@ -46,7 +46,10 @@ def _lora_linear_class():
 
 def _plain_adapter(module: nn.Module) -> str | None:
     """The one active adapter's name when ``module`` can take the in-place path now, else None."""
-    if module.disable_adapters or module.merged or not isinstance(module.base_layer, nn.Linear):
+    try:
+        if module.disable_adapters or module.merged or not isinstance(module.base_layer, nn.Linear):
+            return None
+    except AttributeError:  # a peft version whose layer looks different: its own forward
         return None
     active = [name for name in module.active_adapters if name in module.lora_A]
     if len(active) != 1:
@@ -68,7 +71,8 @@ def _in_place(module: nn.Module):
             return peft_forward(module, x, *args, **kwargs)
         result = module.base_layer(x)  # (..., out), the frozen weights' dtype
         lora_A, lora_B = module.lora_A[name], module.lora_B[name]
-        update = lora_B(lora_A(module._cast_input_dtype(x, lora_A.weight.dtype)))  # (..., out), the adapters' dtype
+        x = module._cast_input_dtype(x, lora_A.weight.dtype) if hasattr(module, "_cast_input_dtype") else x.to(lora_A.weight.dtype)
+        update = lora_B(lora_A(x))  # (..., out), the adapters' dtype
         # F.linear's output is not saved for its backward, so adding in place is safe for autograd
         return result.add_(update, alpha=module.scaling[name])
 
