@@ -14,10 +14,11 @@ and rounds to the output dtype once, as peft's sum does.  Measured on a cached d
 (4 adapted SmolLM2 blocks, 32 queries x 2 passages, bf16 weights, float32 LoRA r16):
 benchmarks/RESULTS.md.
 
-Numbers: ``base + s * update`` is evaluated in float32 and rounded once, as in peft; when ``s``
-is a power of two (peft's default ``lora_alpha = 2 r``, and the demo's) the result and the
-gradients are bit-identical to peft's (tested), otherwise they may differ by one float32
-rounding of the product before the final rounding.
+Numbers: ``base + s * update`` is evaluated in float32 and rounded once, as in peft; when the
+scaling ``s = lora_alpha / r`` is a power of two (1 with peft's defaults, 2 with the common
+``lora_alpha = 2 r``, the demo's) the result and the gradients are bit-identical to peft's
+(tested), otherwise they may differ by one float32 rounding of the product before the final
+rounding.
 
 Only the plain case takes this path: a peft ``lora.Linear`` around an ``nn.Linear``, one active
 adapter, no variant (DoRA and the like), no dropout, not merged, adapters enabled, no extra
