@@ -116,3 +116,34 @@ def test_model_runs_whole_after_serving():
     with torch.no_grad():
         after = model.encode(batch)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 10, 4096], ids=["one-row", "many-rows", "default"])
+def test_first_sight_of_a_packing_model_is_computed_packed(monkeypatch, max_tokens):
+    """A packing model's cache computes new texts in packed rows (no padded forward of the frozen
+    blocks), and stores the states the padded computation gives."""
+    from denselm.model.speedups import packing
+
+    padded_model = lora_model()
+    padded_cache = padded_model.enable_prefix_cache(num_frozen=2)
+    model = lora_model(packing=True, packing_max_tokens=max_tokens)
+    cache = model.enable_prefix_cache(num_frozen=2)
+    calls = []
+    real_forward_packed = packing.forward_packed
+    monkeypatch.setattr(packing, "forward_packed", lambda b, row: calls.append(row.num_sequences) or real_forward_packed(b, row))
+    batch, _ = random_batch(7, 3, 12, seed=8, padding_side="left")
+    ours = cache.lookup(batch["input_ids"], batch["attention_mask"], packed=True, max_tokens=max_tokens)
+    first_sight = len(calls)
+    assert first_sight >= 1 and sum(calls) == 7
+    if max_tokens == 10:
+        assert first_sight > 1
+    ref = padded_cache.lookup(batch["input_ids"], batch["attention_mask"])
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < 1e-12
+    # and a training step of the packing model through its cache equals the whole model's
+    full = lora_model(packing=True, packing_max_tokens=max_tokens)
+    query, _ = random_batch(4, 3, 9, seed=1, padding_side="right")
+    passage, _ = random_batch(8, 4, 16, seed=2, padding_side="right")
+    ref_loss, ref_grad = step(full, query, passage)
+    loss, grad = step(model, query, passage)
+    assert rel_err(loss, ref_loss) < 1e-12 and rel_err(grad, ref_grad) < 1e-10

@@ -301,7 +301,7 @@ class BiEncoderModel(nn.Module):
             raise ValueError(
                 f"input_ids shape {tuple(input_ids.shape)} != attention_mask shape {tuple(attention_mask.shape)}"
             )
-        serving = (self.prefix_cache.serving(features, packed=self.packing) if self.prefix_cache is not None
+        serving = (self.prefix_cache.serving(features, packed=self.packing, max_tokens=self.packing_max_tokens) if self.prefix_cache is not None
                    else contextlib.nullcontext())
         with serving:
             reps = self._pooled(features)
