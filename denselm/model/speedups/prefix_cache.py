@@ -111,42 +111,38 @@ class FrozenPrefixCache:
         row), as the model's own packed forward would; else in one padded batch.
         """
         sub_ids, sub_mask = input_ids[rows], mask[rows].to(torch.long)
-        positions = (sub_mask.cumsum(dim=1) - 1).clamp(min=0)  # from zero: the policy the cache requires
         captured: list[torch.Tensor] = []
 
         def capture(hidden_states, *args, **kwargs):
-            # The input of block num_frozen, (M, T, D); it and the blocks above pass it through,
-            # so the rest of the forward costs only the final norm.
+            # The input of block num_frozen, (M, T, D) or a packed (1, n, D); it and the blocks
+            # above pass it through, so the rest of the forward costs only the final norm.
             captured.append(hidden_states.detach())
             return hidden_states
 
         above = self.layers[self.num_frozen:]
         forwards = {above[0]: capture, **{layer: _pass_through for layer in above[1:]}}
-        if packed:
-            # Padding-free, like the model's own packed forward: in a demo step of 96 short texts
-            # the padded frozen forward was a third of the step (py-spy, benchmarks/RESULTS.md).
-            from . import packing
+        out: list[torch.Tensor] = []
+        with swapped_forwards(forwards), torch.no_grad():
+            if packed:
+                # Padding-free, like the model's own packed forward: in a demo step of 96 short
+                # texts the padded frozen forward was a third of the step (benchmarks/RESULTS.md).
+                from . import packing
 
-            out: list[torch.Tensor] = []
-            with swapped_forwards(forwards), torch.no_grad():
                 for row in packing.pack_rows({"input_ids": sub_ids, "attention_mask": sub_mask}, max_tokens):
                     captured.clear()
                     packing.forward_packed(self.backbone, row)
-                    if not captured:
-                        break
-                    out.extend(h.clone() for h in packing.unpack(captured[0].detach(), row.cu_seqlens))
-            if len(out) == len(rows):
-                return out
+                    if captured:
+                        out.extend(h.clone() for h in packing.unpack(captured[0], row.cu_seqlens))
+            else:
+                positions = (sub_mask.cumsum(dim=1) - 1).clamp(min=0)  # from zero: the policy the cache requires
+                self.backbone(input_ids=sub_ids, attention_mask=sub_mask, position_ids=positions, use_cache=False)
+                if captured:
+                    real = sub_mask.bool()
+                    out = [captured[0][i][real[i]].clone() for i in range(len(rows))]
+        if len(out) != len(rows):
             raise RuntimeError("the frozen-prefix cache could not capture the hidden states of block "
                                f"{self.num_frozen} (the model never called it)")
-        with swapped_forwards(forwards), torch.no_grad():
-            self.backbone(input_ids=sub_ids, attention_mask=sub_mask, position_ids=positions, use_cache=False)
-        if not captured:
-            raise RuntimeError("the frozen-prefix cache could not capture the hidden states of block "
-                               f"{self.num_frozen} (the model never called it)")
-        hidden = captured[0]  # (M, T, D)
-        real = sub_mask.bool()
-        return [hidden[i][real[i]].clone() for i in range(len(rows))]
+        return out
 
     def lookup(self, input_ids: torch.Tensor, mask: torch.Tensor, packed: bool = False,
                max_tokens: int | None = None) -> torch.Tensor:
