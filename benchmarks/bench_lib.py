@@ -269,12 +269,14 @@ def seed_encode_executed(docs, batch_size: int, sort: bool) -> list[int]:
 # ---------------------------------------------------------- denselm's way
 def denselm_model(backbone, *, packing: bool = True, grad_cache_tokens: int | None = None,
                   grad_cache_rows: int | None = None, packing_max_tokens: int | None = None,
-                  sub_batch_size: int = -1):
+                  sub_batch_size: int = -1, position_ids: str | None = None):
     """BiEncoderModel as the benchmarks use it: normalised, tau 0.02; gradient caching when
     a chunk bound (padded tokens and/or rows) is given."""
     from denselm import BiEncoderModel
 
     kw = {}
+    if position_ids:
+        kw["position_ids"] = position_ids
     if packing_max_tokens:
         kw["packing_max_tokens"] = packing_max_tokens
     if grad_cache_tokens or grad_cache_rows:

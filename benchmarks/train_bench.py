@@ -22,6 +22,8 @@ Variants:
   denselm-full-mlp  the same with the last block's MLP at every token (``--variants``: what the
            pooled-only MLP saves in training; ``--layers 4`` is the shape of a demo step whose
            texts the frozen-layer cache already holds: only the 4 LoRA blocks run)
+  denselm-padded  denselm without packing (what the demo's config trains with: padded batches,
+           positions from zero)
 
 Repetitions alternate the variants on the same batch (one round = each variant once), so load
 from other processes hits both alike; ratios are taken within each round (paired) and reported
@@ -52,7 +54,7 @@ RECIPES = {"fp32": (torch.float32, "float32 weights, float32 LoRA"),
            "demo": (torch.bfloat16, "frozen bfloat16 weights, float32 LoRA")}
 
 
-VARIANTS = ("seed", "denselm", "denselm-full-mlp")
+VARIANTS = ("seed", "denselm", "denselm-full-mlp", "denselm-padded")
 
 
 def full_last_block():
@@ -120,6 +122,7 @@ def run_recipe(args, name: str) -> list[dict]:
         batches = real_batches(args, tokenizer)
     seed = bl.SeedStep(backbone, temperature=0.02)
     model = bl.denselm_model(backbone)
+    padded = bl.denselm_model(backbone, packing=False, position_ids="from_zero")
     device = torch.device("cpu")
     # Below float32 the two layouts round differently, so neither loss is "the" answer: both are
     # also compared with the seed's loss on a float32 copy of the same (bf16-rounded) weights.
@@ -132,6 +135,8 @@ def run_recipe(args, name: str) -> list[dict]:
     def step(variant: str, q, p) -> float:
         if variant == "seed":
             loss = seed.loss(q, p, device)
+        elif variant == "denselm-padded":
+            loss = bl.denselm_loss(padded, q, p, device)
         elif variant == "denselm-full-mlp":
             with full_last_block():
                 loss = bl.denselm_loss(model, q, p, device)
